@@ -1,0 +1,133 @@
+"""Torch reference twins of every kernel: the oracle for the Triton kernels and the CPU path.
+
+Activation side of a quantized linear (one call, fused on GPU):
+    x -> x * mult (smoothing 1/s times the rotation's random signs, one vector)
+      -> block Hadamard (blocks of `had_block` channels, orthonormal)
+      -> per-token abs-max -> scale -> int8 / fp8 (or a static per-tensor scale)
+"""
+import functools
+from typing import Optional
+
+import torch
+
+from .types import FP8_E4M3_MAX, SCALE_EPS, QuantizedActivation, QuantizedWeight
+
+
+@functools.lru_cache(maxsize=16)
+def _hadamard_cpu(n: int) -> torch.Tensor:
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"Hadamard block size must be a power of two, got {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / n ** 0.5).to(torch.float32)
+
+
+def hadamard_matrix(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Orthonormal Sylvester Hadamard matrix of size n (symmetric, its own inverse)."""
+    return _hadamard_cpu(n).to(device=device, dtype=dtype)
+
+
+def block_hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Rotate the last dim of x by a block-diagonal Hadamard (blocks of `block` channels)."""
+    if block <= 1:
+        return x
+    k = x.shape[-1]
+    if k % block:
+        raise ValueError(f"in_features {k} is not a multiple of the Hadamard block {block}")
+    h = hadamard_matrix(block, x.device, x.dtype)
+    return (x.reshape(*x.shape[:-1], k // block, block) @ h).reshape(x.shape)
+
+
+def _round_clamp(v: torch.Tensor, qmax: int) -> torch.Tensor:
+    return torch.clamp(torch.round(v), -qmax, qmax)
+
+
+def quantize_activation(
+    x: torch.Tensor,
+    mult: Optional[torch.Tensor] = None,
+    had_block: int = 0,
+    fmt: str = "int8",
+    qmax: int = 127,
+    static_scale: Optional[torch.Tensor] = None,
+    sum_group: int = 0,
+) -> QuantizedActivation:
+    """Per-token dynamic (or static per-tensor) quantization of x[..., K] -> [M, K].
+
+    sum_group > 0 also returns per-token sums of q over groups of that many channels
+    (K itself for per-channel asymmetric weights), which the GEMM needs for zero points.
+    """
+    k = x.shape[-1]
+    xf = x.reshape(-1, k).float()
+    if mult is not None:
+        xf = xf * mult.float()
+    xf = block_hadamard(xf, had_block)
+    fmax = FP8_E4M3_MAX if fmt == "fp8" else float(qmax)
+    if static_scale is not None:
+        scale = static_scale.float().reshape(1).expand(xf.shape[0]).contiguous()
+    else:
+        scale = xf.abs().amax(dim=1).clamp_min(SCALE_EPS) / fmax
+    v = xf / scale[:, None]
+    if fmt == "fp8":
+        q = v.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    elif fmt == "int8":
+        q = _round_clamp(v, qmax).to(torch.int8)
+    else:
+        raise ValueError(f"unknown activation format {fmt!r}")
+    qsum = None
+    if sum_group:
+        qsum = q.to(torch.int32).reshape(q.shape[0], k // sum_group, sum_group).sum(-1, dtype=torch.int32)
+    return QuantizedActivation(q=q, scale=scale, qsum=qsum)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int values in [-8, 7], shape [N, K] (K even) -> uint8 [N, K // 2] offset-binary nibbles."""
+    if q.shape[-1] % 2:
+        raise ValueError("int4 packing needs an even number of input channels")
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(p: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4: uint8 [N, K // 2] -> int8 [N, K]."""
+    lo = (p & 0xF).to(torch.int8) - 8
+    hi = (p >> 4).to(torch.int8) - 8
+    return torch.stack([lo, hi], dim=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
+
+
+def weight_codes(w: QuantizedWeight) -> torch.Tensor:
+    """The stored integer (or fp8) codes as float32 [N, K]."""
+    if w.fmt == "int4":
+        return unpack_int4(w.data).float()
+    return w.data.float()
+
+
+def _expand_groups(t: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
+    if w.group_size:
+        return t.float().repeat_interleave(w.group_size, dim=1)
+    return t.float()[:, None]
+
+
+def dequantize_weight(w: QuantizedWeight) -> torch.Tensor:
+    """float32 [N, K] weight that the stored codes represent."""
+    codes = weight_codes(w)
+    if w.zero is not None:
+        codes = codes - _expand_groups(w.zero, w)
+    return codes * _expand_groups(w.scale, w)
+
+
+def dequantize_activation(a: QuantizedActivation) -> torch.Tensor:
+    return a.q.float() * a.scale[:, None]
+
+
+def quantized_matmul(
+    a: QuantizedActivation,
+    w: QuantizedWeight,
+    bias: Optional[torch.Tensor],
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """out[M, N] = dequant(a) @ dequant(w).T + bias, cast to out_dtype (the GEMM + epilogue oracle)."""
+    out = dequantize_activation(a) @ dequantize_weight(w).t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)

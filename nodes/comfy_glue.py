@@ -1,0 +1,47 @@
+"""The few places that touch ComfyUI internals: the diffusion model inside a MODEL, and sampling."""
+import time
+from typing import Dict, Tuple
+
+import torch
+
+from ..quant_core import QuantLinear
+
+PREFIX = "diffusion_model."
+
+
+def diffusion_model(patcher) -> torch.nn.Module:
+    return patcher.get_model_object("diffusion_model")
+
+
+def fp_lookup(patcher):
+    """Resolve each layer to the module this MODEL would run, looking through other clones' swaps."""
+    def lookup(name, module):
+        return patcher.get_model_object(PREFIX + name)
+
+    return lookup
+
+
+def ensure_not_quantized(patcher, what: str) -> None:
+    if any(isinstance(v, QuantLinear) for v in patcher.object_patches.values()):
+        raise ValueError(f"{what} needs the FP16 MODEL, but this MODEL is already quantized by ViDiT-Q; "
+                         "connect the loader's output instead")
+
+
+def quant_summary(patcher) -> Dict:
+    """What ViDiTQQuantize recorded on this MODEL (empty for a plain model)."""
+    return dict(patcher.model_options.get("vidit_q", {}))
+
+
+def ksample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise=1.0
+            ) -> Tuple[Dict, float]:
+    """Stock KSampler semantics (progress bar, previews); returns the latent dict and wall seconds."""
+    import comfy.model_management
+    import nodes as comfy_nodes
+
+    t0 = time.perf_counter()
+    (out,) = comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                                         latent, denoise=denoise)
+    device = comfy.model_management.get_torch_device()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - t0

@@ -1,0 +1,63 @@
+"""ViDiTQQuantizedSampler: sample the FP16 and the quantized model alike, compare, report."""
+import json
+
+import comfy.samplers
+from comfy_api.latest import io, ui
+
+from ..quant_core.metrics import compare
+from .comfy_glue import ksample, quant_summary
+from .compare_image import latent_preview, side_by_side
+
+
+class ViDiTQQuantizedSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ViDiTQQuantizedSampler",
+            display_name="ViDiT-Q Quantized Sampler (compare)",
+            category="ViDiT-Q",
+            description="Runs the same sampling on the FP16 and the quantized MODEL (same seed and noise) and "
+                        "reports how close the results are and how long each took.",
+            inputs=[
+                io.Model.Input("model_fp"),
+                io.Model.Input("model_q"),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Latent.Input("latent_image"),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Int.Input("steps", default=20, min=1, max=10000),
+                io.Float.Input("cfg", default=4.5, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler"),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal"),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
+                io.Vae.Input("vae", optional=True, tooltip="Decode both results for the comparison image."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="latent_fp"),
+                io.Latent.Output(display_name="latent_q"),
+                io.Image.Output(display_name="compare"),
+                io.String.Output(display_name="report"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model_fp, model_q, positive, negative, latent_image, seed, steps, cfg, sampler_name,
+                scheduler, denoise, vae=None) -> io.NodeOutput:
+        args = (seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise)
+        latent_fp, seconds_fp = ksample(model_fp, *args)
+        latent_q, seconds_q = ksample(model_q, *args)
+        ref, test = latent_fp["samples"], latent_q["samples"]
+        report = {**compare(ref, test), "seconds_fp": seconds_fp, "seconds_q": seconds_q,
+                  "speedup": seconds_fp / seconds_q if seconds_q > 0 else None}
+        summary = quant_summary(model_q)
+        report.update({"preset": summary.get("preset"), "plan": summary.get("plan"),
+                       "quantization": {k: v for k, v in summary.items() if k not in ("preset", "plan")}})
+        if vae is not None:
+            img_fp, img_q = vae.decode(ref), vae.decode(test)
+            img_fp, img_q = img_fp.reshape(-1, *img_fp.shape[-3:]), img_q.reshape(-1, *img_q.shape[-3:])
+            report["image"] = compare(img_fp, img_q)
+            image = side_by_side(img_fp, img_q)
+        else:
+            image = side_by_side(latent_preview(ref), latent_preview(test))
+        text = json.dumps(report, indent=1, default=str)
+        return io.NodeOutput(latent_fp, latent_q, image, text, ui=ui.PreviewText(text))

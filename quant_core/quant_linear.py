@@ -1,0 +1,107 @@
+"""QuantLinear: a linear layer whose weight is stored quantized, run through the kernels.
+
+forward: x -> (fused) x * mult -> block Hadamard -> per-token quantize -> low-bit GEMM -> dequant + bias.
+Smoothing and rotation are folded into the stored weight at construction; `mult` carries the activation side.
+With simulate=True (fake quant, for research and sensitivity sweeps) the same math runs in float through the
+torch reference with a cached dequantized weight.
+"""
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import kernels
+from ..kernels.reference import dequantize_weight
+from ..kernels.types import QuantizedWeight
+from .balancing import balance, balance_activation, hadamard_block_for, rotation_signs, smoothing_vector
+from .config import QuantConfig
+from .quantizers import fake_quantize_activation, quantize_weight
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, qweight: QuantizedWeight, bias: Optional[torch.Tensor], act_mult: Optional[torch.Tensor],
+                 had_block: int, a_bits: int, a_format: str, static_scale: Optional[torch.Tensor] = None,
+                 backend: str = "auto", meta: Optional[Dict] = None):
+        super().__init__()
+        self.in_features = qweight.in_features
+        self.out_features = qweight.out_features
+        self.w_fmt = qweight.fmt
+        self.group_size = qweight.group_size
+        self.had_block = had_block
+        self.a_bits = a_bits
+        self.act_fmt = "fp8" if a_format == "fp8" else "int8"
+        self.act_qmax = 2 ** (a_bits - 1) - 1
+        self.backend = backend
+        self.simulate = False
+        self.meta = dict(meta or {})
+        self.register_buffer("qweight", qweight.data)
+        self.register_buffer("w_scale", qweight.scale)
+        self.register_buffer("w_zero", qweight.zero)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("act_mult", act_mult)
+        self.register_buffer("static_scale", static_scale)
+        self._sim_weight: Optional[torch.Tensor] = None
+
+    # -- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, name: str, config: QuantConfig,
+                    act_absmax: Optional[torch.Tensor] = None, backend: str = "auto") -> "QuantLinear":
+        """Quantize `linear` per `config`. act_absmax ([K], from calibration) enables smoothing and static scales."""
+        w = linear.weight.detach()
+        k = w.shape[1]
+        smooth = None
+        if config.smooth and act_absmax is not None:
+            smooth = smoothing_vector(act_absmax.to(w.device), w, config.smooth_alpha)
+        signs, had_block = None, 0
+        if config.rotate:
+            had_block = hadamard_block_for(k, config.had_block)
+            signs = rotation_signs(config.seed, name, k).to(w.device)
+        w_hat, mult = balance(w, smooth, signs, had_block)
+        qw = quantize_weight(w_hat, bits=config.w_bits, fmt=config.w_format, granularity=config.w_granularity,
+                             group_size=config.w_group_size, symmetric=config.w_symmetric)
+        static_scale = None
+        if config.a_granularity == "tensor_static":
+            if act_absmax is None:
+                raise ValueError(f"preset {config.name!r} uses static activation scales and needs a calibration")
+            static_scale = torch.tensor(float(act_absmax.max()) / (2 ** (config.a_bits - 1) - 1)).clamp_min(1e-12)
+        meta = {"name": name, "preset": config.name, "w_bits": config.w_bits, "a_bits": config.a_bits,
+                "smoothed": smooth is not None, "rotation_seed": config.seed if config.rotate else None}
+        return cls(qw, linear.bias, None if mult is None else mult.float(), had_block, config.a_bits,
+                   config.a_format, static_scale, backend, meta)
+
+    # -- run ----------------------------------------------------------------------------------------------
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(data=self.qweight, scale=self.w_scale, zero=self.w_zero, fmt=self.w_fmt,
+                               in_features=self.in_features, group_size=self.group_size)
+
+    def set_simulate(self, on: bool) -> None:
+        self.simulate = on
+        self._sim_weight = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight.device != x.device:  # ComfyUI may move the model after patching (low-VRAM paths)
+            self.to(x.device)
+            self._sim_weight = None
+        if self.simulate:
+            return self._forward_simulated(x)
+        return kernels.quant_linear(x, self.quantized_weight(), self.bias, self.act_mult, self.had_block,
+                                    self.act_fmt, self.act_qmax, self.static_scale, self.backend)
+
+    def _forward_simulated(self, x: torch.Tensor) -> torch.Tensor:
+        if self._sim_weight is None:
+            self._sim_weight = dequantize_weight(self.quantized_weight())
+        xb = balance_activation(x.float(), self.act_mult, self.had_block)
+        xq = fake_quantize_activation(xb, self.a_bits, "fp8" if self.act_fmt == "fp8" else "int",
+                                      self.static_scale)
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(xq, self._sim_weight, bias).to(x.dtype)
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.w_scale, self.w_zero, self.act_mult)
+                   if t is not None)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, w={self.w_fmt}"
+                f"{'/g' + str(self.group_size) if self.group_size else ''}, a={self.act_fmt}:{self.a_bits}b, "
+                f"hadamard={self.had_block}, smoothed={self.meta.get('smoothed')}")

@@ -1,0 +1,1 @@
+"""The whole pipeline without ComfyUI: a plain-torch sampler and the one-command demo."""

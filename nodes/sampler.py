@@ -6,7 +6,7 @@ from comfy_api.latest import io, ui
 
 from ..quant_core.metrics import compare
 from .comfy_glue import ksample, quant_summary
-from .compare_image import latent_preview, side_by_side
+from ..quant_core.visualize import latent_preview, side_by_side
 
 
 class ViDiTQQuantizedSampler(io.ComfyNode):
@@ -38,6 +38,7 @@ class ViDiTQQuantizedSampler(io.ComfyNode):
                 io.Image.Output(display_name="compare"),
                 io.String.Output(display_name="report"),
             ],
+            is_output_node=True,  # shows its report even when nothing is connected downstream
         )
 
     @classmethod

@@ -1,0 +1,133 @@
+"""The shared API workflow, headless through a real ComfyUI server (its own executor), on a tiny checkpoint."""
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from comfy_env import COMFYUI_PATH, TINY_CHECKPOINT, requires_comfyui, write_tiny_checkpoint
+
+pytestmark = requires_comfyui
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "workflows"
+
+
+def test_shared_workflows_match_their_generator():
+    sys.path.insert(0, str(WORKFLOWS))
+    try:
+        import make_workflows
+    finally:
+        sys.path.remove(str(WORKFLOWS))
+    for fname, text in make_workflows.render().items():
+        assert (WORKFLOWS / fname).read_text() == text, f"{fname} is stale: run workflows/make_workflows.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url):
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _post(url, payload):
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raise AssertionError(f"ComfyUI rejected the prompt: {e.read().decode()[:2000]}") from None
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy_base")
+    custom = base / "custom_nodes"
+    custom.mkdir()
+    (custom / "ComfyUI-ViDiT-Q").symlink_to(ROOT, target_is_directory=True)
+    (custom / "viditq_test_nodes").symlink_to(ROOT / "tests" / "comfy_test_nodes", target_is_directory=True)
+    write_tiny_checkpoint(base / "models" / "diffusion_models")
+    port = _free_port()
+    log = open(base / "server.log", "w")
+    cmd = [sys.executable, "main.py", "--cpu", "--base-directory", str(base), "--listen", "127.0.0.1",
+           "--port", str(port), "--disable-auto-launch"]
+    proc = subprocess.Popen(cmd, cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            _get(url + "/system_stats")
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        proc.kill()
+    if proc.poll() is not None:
+        pytest.fail("ComfyUI did not start:\n" + (base / "server.log").read_text()[-3000:])
+    yield {"url": url, "log": base / "server.log", "output": base / "output"}
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def _tiny_version_of(api: dict) -> dict:
+    """Point the shared workflow at the tiny checkpoint, stand-in text features, 512 px, 2 steps, no VAE."""
+    api = json.loads(json.dumps(api))
+    for node_id, node in list(api.items()):
+        ct, inputs = node["class_type"], node["inputs"]
+        if ct == "CLIPLoader" or ct == "VAELoader":
+            del api[node_id]
+        elif ct == "CLIPTextEncode":
+            api[node_id] = {"class_type": "ViDiTQTestTextEncode", "inputs": {"text": inputs["text"]}}
+        elif ct == "UNETLoader":
+            inputs["unet_name"] = TINY_CHECKPOINT
+        elif ct == "EmptyLatentImage":
+            inputs.update(width=512, height=512, batch_size=1)
+        elif ct == "VAEDecode":  # the stock-KSampler branch keeps its latent instead of decoding it
+            api[node_id] = {"class_type": "SaveLatent",
+                            "inputs": {"samples": inputs["samples"], "filename_prefix": "vidit_q/ksampler"}}
+        if "steps" in inputs:
+            inputs["steps"] = 2
+        inputs.pop("vae", None)
+    for node_id, node in list(api.items()):  # image savers fed by a removed decoder
+        if node["class_type"] == "SaveImage" and api.get(node["inputs"]["images"][0], {}).get(
+                "class_type") == "SaveLatent":
+            del api[node_id]
+    return api
+
+
+def test_api_workflow_runs_headless_and_reports(server):
+    api = _tiny_version_of(json.loads((WORKFLOWS / "pixart_w8a8_compare_api.json").read_text()))
+    prompt_id = _post(server["url"] + "/prompt", {"prompt": api, "client_id": "vidit-q-test"})["prompt_id"]
+    deadline = time.time() + 900
+    entry = None
+    while time.time() < deadline:
+        hist = _get(f"{server['url']}/history/{prompt_id}")
+        if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
+            entry = hist[prompt_id]
+            break
+        time.sleep(2)
+    assert entry is not None, "workflow did not finish:\n" + server["log"].read_text()[-3000:]
+    status = entry["status"]
+    assert status["status_str"] == "success", json.dumps(status)[:3000]
+    sampler_id = next(k for k, v in api.items() if v["class_type"] == "ViDiTQQuantizedSampler")
+    report = json.loads("".join(entry["outputs"][sampler_id]["text"]))
+    assert report["preset"] == "w8a8" and report["quantization"]["calibrated"] is True
+    assert report["psnr_db"] > 40 and 0.999 < report["cosine"] <= 1.0
+    assert report["seconds_fp"] > 0 and report["seconds_q"] > 0
+    saved = list((server["output"] / "vidit_q").glob("*"))
+    assert any(p.suffix == ".png" for p in saved) and any(p.suffix == ".latent" for p in saved), saved

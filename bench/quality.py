@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""The quality table: every preset on every evaluation model (CPU is enough for these sizes).
+
+    python bench/quality.py [--steps 20] [--presets a,b,...]
+writes bench/results/quality.json ({"command", "rows": [{model, preset, psnr_db, alignment, fidelity, temporal}]})
+and bench/results/quality.png, and prints the table. Numbers are what they are: nothing here is tuned to a result.
+"""
+import argparse
+import importlib.util
+import json
+import pathlib
+import sys
+
+from PIL import Image, ImageDraw
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("viditq", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+pkg = importlib.util.module_from_spec(spec)
+sys.modules["viditq"] = pkg
+spec.loader.exec_module(pkg)
+
+from viditq.evaluation.quality import PRESETS, evaluate, evaluation_models  # noqa: E402
+
+
+def plan_maker():
+    """The mixed-precision planner when this checkout has it (w4a8+plan rows), else None."""
+    try:
+        from viditq.quant_core import planner
+    except ImportError:
+        return None
+    return getattr(planner, "plan_for_quality_table", None)
+
+
+def plot(rows, path: pathlib.Path) -> None:
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    presets = list(dict.fromkeys(r["preset"] for r in rows if r["preset"] != "fp16"))
+    bar, gap, h = 22, 8, 240
+    width = 160 + len(presets) * (bar + gap)
+    img = Image.new("RGB", (width, len(models) * (h + 40) + 20), "white")
+    d = ImageDraw.Draw(img)
+    top = max(min(r["psnr_db"], 80) for r in rows if r["preset"] != "fp16")
+    for mi, m in enumerate(models):
+        y0 = 20 + mi * (h + 40)
+        d.text((8, y0), f"{m}: PSNR vs FP16 (dB, capped at 80)", fill="black")
+        for pi, p in enumerate(presets):
+            r = next((r for r in rows if r["model"] == m and r["preset"] == p), None)
+            x = 150 + pi * (bar + gap)
+            if r is None:
+                continue
+            v = min(r["psnr_db"], 80)
+            bh = int((h - 60) * v / top)
+            d.rectangle([x, y0 + h - 30 - bh, x + bar, y0 + h - 30], fill=(60, 110, 200))
+            d.text((x, y0 + h - 44 - bh), f"{v:.0f}", fill="black")
+            d.text((x, y0 + h - 24 + (pi % 2) * 10), p[:9], fill="black")
+    img.save(path)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--presets", default=",".join(PRESETS))
+    args = ap.parse_args()
+    presets = [p for p in args.presets.split(",") if p]
+    rows = []
+    for em in evaluation_models():
+        print(f"{em.name}:")
+        rows += evaluate(em, presets, steps=args.steps, make_plan=plan_maker())
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python bench/quality.py " + " ".join(sys.argv[1:])
+    (out / "quality.json").write_text(json.dumps({"command": command.strip(), "rows": rows}, indent=1))
+    plot(rows, out / "quality.png")
+    print(f"\n{'model':34s} {'preset':18s} {'PSNR dB':>8s} {'align %':>8s} {'fid dB':>7s}")
+    for r in rows:
+        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        print(f"{r['model']:34s} {r['preset']:18s} {r['psnr_db']:8.2f} {fmt(r['alignment'], '8.1f'):>8s} "
+              f"{fmt(r['fidelity'], '7.2f'):>7s}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Evaluation: a procedural toy world, its text encoder and analyzers, and trained toy models."""

@@ -28,11 +28,15 @@ class EvalModel:
     scenes: Optional[list] = None  # toy-world scenes: enables the analyzers
 
 
+SEEDED_PROMPTS = ("a red cube on a blue floor", "a small yellow ball in the sky")
+
+
 def seeded_pixart(seed: int = 0) -> EvalModel:
+    """The seeded 2-block PixArt-Σ-architecture model with DiT-like outliers (models/tiny_pixart.py)."""
     sd = build_tiny_pixart_state_dict(seed, hidden=1152, depth=2)
     model = PixArt(**pixart_config_from_state_dict(sd))
     model.load_state_dict(sd)
-    prompts = ["a red cube on a blue floor", "a small yellow ball in the sky"]
+    prompts = SEEDED_PROMPTS
     noise = torch.randn(len(prompts), 4, 32, 32, generator=torch.Generator().manual_seed(seed))
     return EvalModel("seeded-pixart-1152x2 (outliers)", model.eval(),
                      torch.cat([pseudo_caption(p) for p in prompts]), pseudo_caption(""), noise)
@@ -62,18 +66,25 @@ def _score(em: EvalModel, out: torch.Tensor, ref: torch.Tensor) -> Dict:
 
 @torch.no_grad()
 def evaluate(em: EvalModel, presets: List[str], steps: int = 20, cfg: float = 4.5,
-             make_plan: Optional[Callable] = None, log=print) -> List[Dict]:
-    """One row per preset (fp16 first). make_plan(model, calib, sample_fn) -> QuantPlan for 'w4a8+plan'."""
+             make_plan: Optional[Callable] = None, log=print, outputs: Optional[Dict] = None) -> List[Dict]:
+    """One row per preset (fp16 first). make_plan(model, calib, sample_fn) -> QuantPlan for 'w4a8+plan'.
+    When `outputs` is a dict, each preset's final latents are stored in it."""
     def sample(hook=None):
-        return sample_euler_cfg(em.model, em.noise, em.cond, em.uncond, steps, cfg, on_model_call=hook)
+        t0 = time.perf_counter()
+        out = sample_euler_cfg(em.model, em.noise, em.cond, em.uncond, steps, cfg, on_model_call=hook)
+        return out, time.perf_counter() - t0
 
     _, _, layers, fingerprint = describe_model(em.model)
     cal = Calibrator({n: m for n, (m, _) in layers.items()}, num_buckets=4)
     with cal:
         sample(cal.set_step)
     calib = cal.result(fingerprint)
-    ref = sample()
-    rows = [{"model": em.name, "preset": "fp16", **_score(em, ref, ref)}]
+    ref, seconds = sample()
+    fp_bytes = sum(m.weight.numel() * 2 for m, _ in layers.values())
+    rows = [{"model": em.name, "preset": "fp16", **_score(em, ref, ref), "seconds": seconds,
+             "weight_bytes": fp_bytes}]
+    if outputs is not None:
+        outputs["fp16"] = ref
     for preset in presets:
         plan = None
         base = preset
@@ -83,15 +94,17 @@ def evaluate(em: EvalModel, presets: List[str], steps: int = 20, cfg: float = 4.
                 continue
             base = preset.split("+")[0]
             plan = make_plan(em.model, calib, sample)
-        t0 = time.perf_counter()
-        q_layers, _ = build_quant_layers(em.model, get_preset(base), calib, plan)
+        q_layers, summary = build_quant_layers(em.model, get_preset(base), calib, plan)
         old = replace_layers(em.model, q_layers)
         try:
-            out = sample()
+            out, seconds = sample()
         finally:
             replace_layers(em.model, old)
-        row = {"model": em.name, "preset": preset, **_score(em, out, ref)}
+        row = {"model": em.name, "preset": preset, **_score(em, out, ref), "seconds": seconds,
+               "weight_bytes": summary["weight_bytes_quantized"]}
         rows.append(row)
-        log(f"  {em.name:34s} {preset:18s} PSNR {row['psnr_db']:6.2f}  align {row['alignment']}  "
-            f"({time.perf_counter() - t0:.1f}s)")
+        if outputs is not None:
+            outputs[preset] = out
+        align = "" if row["alignment"] is None else f"  alignment {row['alignment']:5.1f}%"
+        log(f"  {preset:18s} PSNR {row['psnr_db']:6.2f} dB{align}  ({seconds:.1f}s)")
     return rows

@@ -69,7 +69,7 @@ def _load_rotate(X, MULT, hmat, rows, rmask, k0, K, stride_xm, inv_sqrt_h,
 @triton.jit
 def _quant_store(y, scale, Q, QSUM, rows, rmask, k0, K, stride_qm, stride_sm, qmax, fmax,
                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, IS_FP8: tl.constexpr, FP8_SOFT: tl.constexpr,
-                 SUM_G: tl.constexpr, ROW_SUM: tl.constexpr):
+                 SUM_G: tl.constexpr, ROW_SUM: tl.constexpr, PERM: tl.constexpr):
     cols = k0 + tl.arange(0, BLOCK_K)
     cmask = cols < K
     v = y / scale[:, None]
@@ -84,7 +84,14 @@ def _quant_store(y, scale, Q, QSUM, rows, rmask, k0, K, stride_qm, stride_sm, qm
         v = tl.minimum(tl.maximum(v, -qmax), qmax)
         v = (v + 12582912.0) - 12582912.0
         qi = v.to(tl.int32)
-        tl.store(Q + rows[:, None] * stride_qm + cols[None, :], qi.to(tl.int8), mask=m2)
+        if PERM:  # parity-split layout for the W4A8 GEMM: even channels in [0, K/2), odd ones in [K/2, K)
+            qe, qo = tl.split(tl.reshape(qi.to(tl.int8), [BLOCK_M, BLOCK_K // 2, 2]))
+            hcols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            hm = rmask[:, None] & (hcols < K // 2)[None, :]
+            tl.store(Q + rows[:, None] * stride_qm + hcols[None, :], qe, mask=hm)
+            tl.store(Q + rows[:, None] * stride_qm + (K // 2 + hcols)[None, :], qo, mask=hm)
+        else:
+            tl.store(Q + rows[:, None] * stride_qm + cols[None, :], qi.to(tl.int8), mask=m2)
         part = tl.zeros([BLOCK_M], dtype=tl.int32)
         if SUM_G > 0:
             if ROW_SUM:
@@ -103,7 +110,9 @@ def _act_quant_kernel(X, MULT, HMAT, Q, SCALE, QSUM, SSCALE,
                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HD: tl.constexpr,
                       HAS_MULT: tl.constexpr, HAS_HAD: tl.constexpr, SPLIT: tl.constexpr,
                       IS_FP8: tl.constexpr, FP8_SOFT: tl.constexpr, STATIC: tl.constexpr,
-                      SUM_G: tl.constexpr, ROW_SUM: tl.constexpr, DOT_F32: tl.constexpr):
+                      SUM_G: tl.constexpr, ROW_SUM: tl.constexpr, DOT_F32: tl.constexpr, ONE_CHUNK: tl.constexpr,
+                      PERM: tl.constexpr = False, P0: tl.constexpr = 0, P1: tl.constexpr = 0, P2: tl.constexpr = 0,
+                      P3: tl.constexpr = 0):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
@@ -112,9 +121,41 @@ def _act_quant_kernel(X, MULT, HMAT, Q, SCALE, QSUM, SSCALE,
         hmat = tl.load(HMAT + hr[:, None] * HD + hr[None, :])
     else:
         hmat = None
-    ONE_CHUNK: tl.constexpr = BLOCK_K >= K
     rowsum = tl.zeros([BLOCK_M], dtype=tl.int32)
-    if ONE_CHUNK:
+    if P0 > 0:
+        # the row as up to four power-of-two pieces (K = P0 + P1 + P2 + P3, e.g. 1152 = 1024 + 128): all of it in
+        # registers, read once, no padded lanes in the Hadamard products
+        y0 = _load_rotate(X, MULT, hmat, rows, rmask, 0, K, stride_xm, inv_sqrt_h,
+                          BLOCK_M, P0, HD, HAS_MULT, HAS_HAD, SPLIT, DOT_F32)
+        amax = tl.max(tl.abs(y0), axis=1)
+        if P1 > 0:
+            y1 = _load_rotate(X, MULT, hmat, rows, rmask, P0, K, stride_xm, inv_sqrt_h,
+                              BLOCK_M, P1, HD, HAS_MULT, HAS_HAD, SPLIT, DOT_F32)
+            amax = tl.maximum(amax, tl.max(tl.abs(y1), axis=1))
+        if P2 > 0:
+            y2 = _load_rotate(X, MULT, hmat, rows, rmask, P0 + P1, K, stride_xm, inv_sqrt_h,
+                              BLOCK_M, P2, HD, HAS_MULT, HAS_HAD, SPLIT, DOT_F32)
+            amax = tl.maximum(amax, tl.max(tl.abs(y2), axis=1))
+        if P3 > 0:
+            y3 = _load_rotate(X, MULT, hmat, rows, rmask, P0 + P1 + P2, K, stride_xm, inv_sqrt_h,
+                              BLOCK_M, P3, HD, HAS_MULT, HAS_HAD, SPLIT, DOT_F32)
+            amax = tl.maximum(amax, tl.max(tl.abs(y3), axis=1))
+        if STATIC:
+            scale = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(SSCALE).to(tl.float32)
+        else:
+            scale = tl.maximum(amax, 1e-12) / fmax
+        rowsum += _quant_store(y0, scale, Q, QSUM, rows, rmask, 0, K, stride_qm, stride_sm, qmax, fmax,
+                               BLOCK_M, P0, IS_FP8, FP8_SOFT, SUM_G, ROW_SUM, PERM)
+        if P1 > 0:
+            rowsum += _quant_store(y1, scale, Q, QSUM, rows, rmask, P0, K, stride_qm, stride_sm, qmax, fmax,
+                                   BLOCK_M, P1, IS_FP8, FP8_SOFT, SUM_G, ROW_SUM, PERM)
+        if P2 > 0:
+            rowsum += _quant_store(y2, scale, Q, QSUM, rows, rmask, P0 + P1, K, stride_qm, stride_sm, qmax, fmax,
+                                   BLOCK_M, P2, IS_FP8, FP8_SOFT, SUM_G, ROW_SUM, PERM)
+        if P3 > 0:
+            rowsum += _quant_store(y3, scale, Q, QSUM, rows, rmask, P0 + P1 + P2, K, stride_qm, stride_sm, qmax,
+                                   fmax, BLOCK_M, P3, IS_FP8, FP8_SOFT, SUM_G, ROW_SUM, PERM)
+    elif ONE_CHUNK:
         y = _load_rotate(X, MULT, hmat, rows, rmask, 0, K, stride_xm, inv_sqrt_h,
                          BLOCK_M, BLOCK_K, HD, HAS_MULT, HAS_HAD, SPLIT, DOT_F32)
         if STATIC:
@@ -122,7 +163,7 @@ def _act_quant_kernel(X, MULT, HMAT, Q, SCALE, QSUM, SSCALE,
         else:
             scale = tl.maximum(tl.max(tl.abs(y), axis=1), 1e-12) / fmax
         rowsum += _quant_store(y, scale, Q, QSUM, rows, rmask, 0, K, stride_qm, stride_sm, qmax, fmax,
-                               BLOCK_M, BLOCK_K, IS_FP8, FP8_SOFT, SUM_G, ROW_SUM)
+                               BLOCK_M, BLOCK_K, IS_FP8, FP8_SOFT, SUM_G, ROW_SUM, PERM)
     else:
         if STATIC:
             scale = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(SSCALE).to(tl.float32)
@@ -137,18 +178,10 @@ def _act_quant_kernel(X, MULT, HMAT, Q, SCALE, QSUM, SSCALE,
             y = _load_rotate(X, MULT, hmat, rows, rmask, k0, K, stride_xm, inv_sqrt_h,
                              BLOCK_M, BLOCK_K, HD, HAS_MULT, HAS_HAD, SPLIT, DOT_F32)
             rowsum += _quant_store(y, scale, Q, QSUM, rows, rmask, k0, K, stride_qm, stride_sm, qmax, fmax,
-                                   BLOCK_M, BLOCK_K, IS_FP8, FP8_SOFT, SUM_G, ROW_SUM)
+                                   BLOCK_M, BLOCK_K, IS_FP8, FP8_SOFT, SUM_G, ROW_SUM, PERM)
     tl.store(SCALE + rows, scale, mask=rmask)
     if ROW_SUM:
         tl.store(QSUM + rows * stride_sm, rowsum, mask=rmask)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def _m_bucket(m: int) -> int:
-    return min(_next_pow2(max(m, 1)), 65536)
 
 
 def _next_pow2(n: int) -> int:
@@ -191,7 +224,7 @@ class Tuner:
                     times[c] = triton.testing.do_bench(lambda: launch(c), warmup=5, rep=20, return_mode="median")
                 except Exception as e:  # out of resources, compile failure: not a candidate here
                     times[c] = float("inf")
-                    last_errors[(self.name, c)] = repr(e)[:300]
+                    last_errors[(self.name, c)] = f"{type(e).__name__}: {str(e)[-400:]}"
             best = min(times, key=times.get)
             if times[best] == float("inf"):
                 raise RuntimeError(f"{self.name}: no candidate config ran for {key}: {list(last_errors.values())[-1]}")
@@ -203,24 +236,42 @@ class Tuner:
 last_errors = {}
 tuner = Tuner("act_quant")
 
-# Candidates: (BLOCK_M, BLOCK_K or 0 for "the whole row", num_warps)
-_GPU_CANDIDATES = [(4, 0, 4), (2, 0, 4), (8, 0, 8), (1, 0, 4), (8, 128, 4), (16, 128, 4), (8, 256, 4),
-                   (16, 256, 8), (32, 128, 8)]
+# Candidates: (BLOCK_M, BLOCK_K, num_warps); BLOCK_K = 0: the whole row padded to a power of two;
+# BLOCK_K = -1: the whole row as power-of-two pieces (no padding); otherwise chunks of BLOCK_K, two passes.
+_GPU_CANDIDATES = [(16, -1, 8), (8, -1, 8), (4, -1, 8), (4, -1, 4), (32, -1, 8), (2, -1, 4), (1, -1, 4),
+                   (4, 0, 4), (2, 0, 4), (8, 0, 8), (1, 0, 4), (2, 0, 8), (16, 128, 4), (8, 256, 4)]
+_INTERP_CANDIDATES = [(8, 64, 4), (4, 0, 4), (16, -1, 8), (4, -1, 4)]
+
+
+def row_pieces(k: int):
+    """K as at most four powers of two, largest first (1152 -> (1024, 128)); None if it takes more."""
+    p = [1 << b for b in range(k.bit_length() - 1, -1, -1) if k >> b & 1]
+    return tuple(p) if len(p) <= 4 else None
 
 
 def candidates(k: int, had_block: int, sum_group: int, row_sum: bool):
     """Valid (BLOCK_M, BLOCK_K, num_warps) for this row shape; the first is the default."""
     hd = max(had_block, 16) if had_block > 1 else 16
     full = max(_next_pow2(k), hd, 16)
+    pieces = row_pieces(k)
     out = []
-    for bm, bk, nw in ([(8, 64, 4), (4, 0, 4)] if INTERPRET else _GPU_CANDIDATES):
+    for bm, bk, nw in (_INTERP_CANDIDATES if INTERPRET else _GPU_CANDIDATES):
+        if bk == -1:  # pieces
+            if pieces is None or min(pieces) < max(hd, 16) or (had_block > 1 and bm * min(pieces) // hd < 16):
+                continue
+            if sum_group and not row_sum and min(pieces) % sum_group:
+                continue
+            if bm * k > 2560 * nw:  # <= 80 fp32 of the row block per thread
+                continue
+            out.append((bm, -1, nw))
+            continue
         whole = bk == 0
         bk = full if whole else bk
         if bk < hd or (had_block > 1 and bm * bk // hd < 16):
             continue
         if sum_group and not row_sum and bk % sum_group:
             continue
-        if whole and bm * bk > 32768:  # the row block must fit in registers
+        if whole and bm * bk > 2048 * nw:  # the row block must fit in registers (<= 64 fp32 per thread)
             continue
         if not whole and bk >= k:
             continue  # same as a whole-row candidate
@@ -244,7 +295,8 @@ def _pm1_hadamard(hd: int, had_block: int, device_str: str) -> torch.Tensor:
     return full.to(device=device_str, dtype=torch.bfloat16).contiguous()
 
 
-last_kernel = None  # the last compiled kernel launched (for the benchmark's compiler report)
+last_kernel = None  # the last compiled kernel launched and its candidate (benchmark reports)
+last_config = None
 
 
 def supported(x: torch.Tensor, had_block: int, fmt: str, sum_group: int) -> bool:
@@ -262,14 +314,16 @@ def supported(x: torch.Tensor, had_block: int, fmt: str, sum_group: int) -> bool
 
 
 def quantize_activation(x, mult=None, had_block=0, fmt="int8", qmax=127, static_scale=None, sum_group=0,
-                        out=None):
+                        out=None, perm=False):
     """Triton twin of reference.quantize_activation; None when the combination has no kernel.
 
-    `out` may pass preallocated (q, scale, qsum) buffers.
+    `out` may pass preallocated (q, scale, qsum) buffers. `perm=True` (int8 only, for the W4A8 GEMM) writes the
+    codes of each token parity-split: channels 0, 2, 4, ... in q[:, :K/2] and 1, 3, 5, ... in q[:, K/2:]
+    (scale and qsum are unchanged).
     """
-    global last_kernel
+    global last_kernel, last_config
     k = x.shape[-1]
-    if not supported(x, had_block, fmt, sum_group):
+    if not supported(x, had_block, fmt, sum_group) or (perm and (fmt != "int8" or k % 2)):
         return None
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -288,7 +342,7 @@ def quantize_activation(x, mult=None, had_block=0, fmt="int8", qmax=127, static_
     hd = max(had_block, 16) if has_had else 16
     hmat = _pm1_hadamard(hd, had_block, str(dev)) if has_had else scale
     has_mult = mult is not None
-    if has_mult:
+    if has_mult and (mult.device != dev or not mult.is_contiguous() or mult.dim() != 1):
         mult = mult.reshape(-1).to(device=dev).contiguous()
     split = x2.dtype != torch.bfloat16 or has_mult
     sscale = static_scale.reshape(-1)[:1].to(device=dev, dtype=torch.float32) if static_scale is not None else scale
@@ -296,16 +350,25 @@ def quantize_activation(x, mult=None, had_block=0, fmt="int8", qmax=127, static_
     row_sum = bool(sum_group) and sum_group == k
     flags = dict(HD=hd, HAS_MULT=has_mult, HAS_HAD=has_had, SPLIT=split, IS_FP8=fmt == "fp8",
                  FP8_SOFT=INTERPRET, STATIC=static_scale is not None, SUM_G=int(sum_group), ROW_SUM=row_sum,
-                 DOT_F32=INTERPRET)
+                 DOT_F32=INTERPRET, PERM=bool(perm))
     args = (x2, mult if has_mult else scale, hmat, q, scale, qsum if qsum is not None else scale, sscale,
             m, k, x2.stride(0), q.stride(0), qsum.stride(0) if qsum is not None else 0,
             1.0 / (had_block ** 0.5) if has_had else 1.0, float(qmax), fmax)
 
+    pieces = row_pieces(k) or ()
+
     def launch(c):
         bm, bk, nw = c
-        return _act_quant_kernel[(triton.cdiv(m, bm),)](*args, BLOCK_M=bm, BLOCK_K=bk, num_warps=nw, **flags)
+        if bk == -1:
+            p = pieces + (0,) * (4 - len(pieces))
+            return _act_quant_kernel[(triton.cdiv(m, bm),)](*args, BLOCK_M=bm, BLOCK_K=p[0], num_warps=nw,
+                                                            ONE_CHUNK=True, P0=p[0], P1=p[1], P2=p[2], P3=p[3],
+                                                            **flags)
+        return _act_quant_kernel[(triton.cdiv(m, bm),)](*args, BLOCK_M=bm, BLOCK_K=bk, num_warps=nw,
+                                                        ONE_CHUNK=bk >= k, **flags)
 
     key = (k, m_bucket(m), x2.dtype, str(dev)) + tuple(flags.values())
     c = tuner.pick(key, candidates(k, had_block, int(sum_group), row_sum), launch)
+    last_config = c
     last_kernel = launch(c)
     return QuantizedActivation(q=q, scale=scale, qsum=qsum)

@@ -1,0 +1,514 @@
+"""Quantized-linear benchmark (GPU only; never run in CI).
+
+For the PixArt / OpenSORA linear shapes (hidden 1152) at M = 2048, 8192, 32768 it first checks every kernel
+against the torch reference, then times (median of triton.testing.do_bench, L2 flushed between reps):
+cuBLAS bf16 (F.linear), torch._int_mm, torch._scaled_mm (fp8, row-wise scales), our W8A8 int8, W8A8 fp8 and
+W4A8 GEMMs (the GEMM alone and with our fused activation quantize in front), and the fused activation quantize
+against its bandwidth floor. Writes bench/results/linear_<gpu>.json and prints a table last.
+
+    python bench/bench_linear.py                      # everything (about 5-8 minutes on an H100/H200)
+    python bench/bench_linear.py --m 8192 --shapes pixart
+    python bench/bench_linear.py --dry                # CPU interpreter, tiny shapes: checks this script only
+"""
+import argparse
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _parse():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--m", type=int, nargs="+", default=[8192, 32768, 2048])
+    p.add_argument("--shapes", default="all", choices=["all", "pixart", "opensora"])
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--logdir", default=None, help="extra logs (candidate timings, compiler reports, IR)")
+    p.add_argument("--had-block", type=int, default=128)
+    p.add_argument("--no-sweep", action="store_true", help="skip the all-candidates correctness sweep")
+    p.add_argument("--budget-s", type=float, default=540.0, help="stop timing new shapes after this many s")
+    p.add_argument("--dry", action="store_true", help="run on the CPU interpreter with tiny shapes")
+    return p.parse_args()
+
+
+ARGS = _parse()
+if ARGS.dry:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def _import_pkg():
+    name = "viditq"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    from viditq.kernels import reference, triton_act_quant, triton_gemm, triton_ops  # noqa: F401
+    from viditq.kernels.types import QuantizedWeight
+
+    return reference, triton_act_quant, triton_gemm, triton_ops, QuantizedWeight
+
+
+if not ARGS.dry and not torch.cuda.is_available():
+    print("bench_linear.py needs a CUDA GPU (it times kernels); none found. Use --dry to check the script on CPU.")
+    sys.exit(2)
+
+import triton  # noqa: E402
+
+reference, taq, tgemm, tops, QuantizedWeight = _import_pkg()
+DEV = "cpu" if ARGS.dry else "cuda"
+T0 = time.time()
+
+# (name, K, N); the same hidden size 1152 in PixArt-α/Σ and OpenSORA (STDiT).
+PIXART = [("qkv", 1152, 3456), ("proj", 1152, 1152), ("fc1", 1152, 4608), ("fc2", 4608, 1152)]
+OPENSORA_EXTRA = [("cross_kv", 1152, 2304)]  # also PixArt's cross-attention kv_linear
+if ARGS.shapes == "pixart":
+    SHAPES = PIXART
+elif ARGS.shapes == "opensora":
+    SHAPES = PIXART + OPENSORA_EXTRA
+else:
+    SHAPES = PIXART + OPENSORA_EXTRA
+MS = ARGS.m
+if ARGS.dry:
+    SHAPES = [("tiny", 256, 96)]
+    MS = [48]
+
+
+def bench(fn):
+    if ARGS.dry:
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def sync():
+    if not ARGS.dry:
+        torch.cuda.synchronize()
+
+
+def rel_err(y, r):
+    y, r = y.float(), r.float()
+    if not torch.isfinite(y).all():
+        return float("inf")
+    return ((y - r).norm() / r.norm().clamp_min(1e-30)).item()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def make_weight(n, k, fmt, group=0, asym=False):
+    g = torch.Generator(device="cpu").manual_seed(n * 7 + k)
+    shape = (n, k // group) if group else (n,)
+    scale = (torch.rand(shape, generator=g) * 0.02 + 0.002).to(DEV)
+    zero = None
+    if fmt == "int8":
+        data = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8).to(DEV)
+        if asym:
+            zero = torch.randint(-20, 20, shape, generator=g).float().to(DEV)
+    elif fmt == "int4":
+        data = reference.pack_int4(torch.randint(-8, 8, (n, k), generator=g)).to(DEV)
+        if asym:
+            zero = torch.randint(-3, 3, shape, generator=g).float().to(DEV)
+    else:
+        data = (torch.randn(n, k, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn).to(DEV)
+    return QuantizedWeight(data=data, scale=scale, zero=zero, fmt=fmt, in_features=k, group_size=group)
+
+
+def make_x(m, k, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed + m + k)
+    x = torch.randn(m, k, generator=g) * (torch.rand(k, generator=g) * 4 + 0.1)  # channel imbalance
+    x[0] *= 1000.0
+    if m > 2:
+        x[m // 2] = 0.0
+    return x.to(dtype).to(DEV)
+
+
+LOG = {"checks": [], "errors": [], "ceilings": {}, "compiler": {}}
+
+
+def check(name, ok, **info):
+    LOG["checks"].append(dict(name=name, ok=bool(ok), **info))
+    print(f"[check] {'ok  ' if ok else 'FAIL'} {name} {info}", flush=True)
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _check_act_quant(x, r, mv, had, fmt, qmax, ss, sg, cfg, m, k, label):
+    taq.tuner.force = cfg
+    try:
+        a = taq.quantize_activation(x, mv, had, fmt, qmax, ss, sg)
+        sync()
+    except Exception as ex:
+        LOG["errors"].append(f"act_quant {label}: {str(ex)[-600:]}")
+        print(f"[error] act_quant {label}: {ex!r}"[:300], flush=True)
+        return
+    finally:
+        taq.tuner.force = None
+    dq = (a.q.float() - r.q.float()).abs()
+    if fmt == "fp8":  # one e4m3 step at most: compare relative to the larger magnitude
+        bad = (dq > 0.13 * torch.maximum(a.q.float().abs(), r.q.float().abs()) + 2.0 ** -9).sum().item()
+    else:
+        bad = (dq > 1).sum().item()
+    frac = (dq > 0).float().mean().item()
+    srel = ((a.scale - r.scale).abs() / r.scale).max().item()
+    qs_ok = True
+    if sg:
+        qs_ok = (a.qsum - a.q.to(torch.int32).reshape(m, k // sg, sg).sum(-1)).abs().max().item() == 0
+    check(f"act_quant {label}", bad == 0 and frac < 0.01 and srel < 1e-5 and qs_ok, mismatch_frac=frac,
+          scale_rel=srel)
+
+
+def correctness_sweep():
+    """Every kernel combination against the reference on an odd-sized problem; every GEMM candidate config."""
+    m, k, n = (37, 256, 96) if ARGS.dry else (3008, 1152, 1152)
+    mult = (torch.rand(k) + 0.5).to(DEV)
+    # activation quantize
+    aq_combos = [("int8", 127, 128, True, 0, False), ("int8", 127, 0, False, 0, False),
+                 ("int8", 31, 64, True, 64, False),
+                 ("int8", 7, 16, False, k, False), ("fp8", 127, 128, True, 0, False),
+                 ("int8", 127, 128, True, 128, True), ("fp8", 127, 0, False, 0, True)]
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        for fmt, qmax, had, use_mult, sg, static in aq_combos:
+            x = make_x(m, k, dt, seed=1)
+            ss = torch.tensor(0.05, device=DEV) if static else None
+            mv = mult if use_mult else None
+            r = reference.quantize_activation(x, mv, had, fmt, qmax, ss, sg)
+            cands = taq.candidates(k, had, sg, bool(sg) and sg == k)
+            main = dt == torch.bfloat16 and had == 128 and use_mult and not sg and not static
+            for cfg in (cands if main else cands[:1]):  # every candidate for the timed configuration
+                _check_act_quant(x, r, mv, had, fmt, qmax, ss, sg, cfg, m, k, f"{dt} {fmt} qmax={qmax} had={had} "
+                                 f"mult={use_mult} sum_group={sg} static={static} cfg={cfg}")
+    # GEMMs: every candidate of the timed variants, the default ones for the rest; (fmt, group, asym, parity-split)
+    timed = {("int8", 0, False, False), ("fp8", 0, False, False), ("int4", 0, False, True),
+             ("int4", 128, False, True)}
+    combos = [("int8", 0, False, False), ("int8", 0, True, False), ("int8", 64, False, False),
+              ("int8", 128, True, False), ("fp8", 0, False, False), ("int4", 0, False, False),
+              ("int4", 0, True, False), ("int4", 128, False, False), ("int4", 128, True, False),
+              ("int4", 64, False, False), ("int4", 64, True, False), ("int4", 0, False, True),
+              ("int4", 0, True, True), ("int4", 128, False, True), ("int4", 64, True, True)]
+    x = make_x(m, k, torch.bfloat16, seed=2)
+    bias = (torch.randn(n) * 0.1).to(torch.bfloat16).to(DEV)
+    tma = tgemm.tma_ok(torch.device(DEV))
+    for fmt, group, asym, perm in combos:
+        w = make_weight(n, k, fmt, group, asym)
+        af = "fp8" if fmt == "fp8" else "int8"
+        sg = (group or k) if asym else 0
+        a = reference.quantize_activation(x, None, 0, af, 127, None, sg)
+        ref = reference.quantized_matmul(a, w, bias, torch.float32)
+        if perm:  # the parity-split copy of the same codes
+            a = type(a)(q=torch.cat([a.q[:, 0::2], a.q[:, 1::2]], 1).contiguous(), scale=a.scale, qsum=a.qsum)
+        cands = tgemm.candidates(m, n, k, fmt == "int4", group, tma, tma, perm)
+        if (fmt, group, asym, perm) not in timed:
+            cands = [([c for c in cands if c[0] == kd] or [None])[0] for kd in ("ptr", "tma", "tmas", "tma2")]
+            cands = [c for c in cands if c is not None]
+        for c in cands:
+            tgemm.tuner.force = c
+            label = f"gemm {fmt} group={group} asym={asym} parity_split={perm} cfg={c}"
+            try:
+                out = torch.full((m, n), float("nan"), device=DEV, dtype=torch.bfloat16)
+                y = tgemm.quantized_matmul(a, w, bias, torch.bfloat16, out=out, a_perm=perm)
+                sync()
+                e = rel_err(y, ref)
+                check(label, e < 8e-3, rel_err=e)
+            except Exception as ex:  # a config that cannot compile here is reported, not fatal
+                LOG["errors"].append(f"{label}: {str(ex)[-600:]}")
+                print(f"[error] {label}: {ex!r}"[:300], flush=True)
+            finally:
+                tgemm.tuner.force = None
+    # the parity-split quantize against the reference codes
+    r = reference.quantize_activation(x, mult, 128, "int8", 127, None, 0)
+    a = taq.quantize_activation(x, mult, 128, "int8", 127, None, 0, perm=True)
+    dq = (a.q.float() - torch.cat([r.q[:, 0::2], r.q[:, 1::2]], 1).float()).abs()
+    check("act_quant parity_split had=128", dq.max().item() <= 1 and (dq > 0).float().mean().item() < 0.01,
+          mismatch_frac=(dq > 0).float().mean().item())
+    # the whole layer through the dispatcher, 3-D input
+    from viditq.kernels import dispatch
+
+    x3 = make_x(2 * 129, k, torch.bfloat16, seed=3).reshape(2, 129, k)
+    w = make_weight(n, k, "int8", 0, True)
+    y = dispatch.quant_linear(x3, w, bias, mult, 128, "int8", 127, None, backend="triton")
+    r = dispatch.quant_linear(x3, w, bias, mult, 128, "int8", 127, None, backend="torch")
+    e = rel_err(y, r)
+    check("dispatch.quant_linear bf16 3-D asym int8 had=128", e < 1e-2 and y.shape == r.shape, rel_err=e)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def ceilings():
+    if ARGS.dry:
+        LOG["ceilings"] = {"copy_GBps": 50.0, "bf16_tflops": 1.0}
+        return
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device=DEV).random_()
+    dst = torch.empty_like(src)
+    t = bench(lambda: dst.copy_(src))
+    bw = 2 * n / (t * 1e-3) / 1e9
+    del src, dst
+    a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
+    t = bench(lambda: a @ b)
+    LOG["ceilings"] = {"copy_GBps": bw, "bf16_tflops": 2 * 8192 ** 3 / (t * 1e-3) / 1e12}
+    print(f"[ceilings] copy {bw:.0f} GB/s (read+write), bf16 8192^3 {LOG['ceilings']['bf16_tflops']:.0f} TFLOP/s",
+          flush=True)
+
+
+def compiler_report(tag, kern):
+    """Registers, spills, shared memory, and which matrix instructions the kernel uses."""
+    if kern is None or ARGS.dry:
+        return
+    try:
+        info = {"n_regs": getattr(kern, "n_regs", None), "n_spills": getattr(kern, "n_spills", None),
+                "shared": getattr(kern.metadata, "shared", None),
+                "num_warps": getattr(kern.metadata, "num_warps", None),
+                "num_stages": getattr(kern.metadata, "num_stages", None)}
+        ptx = kern.asm.get("ptx", "")
+        info["ptx_wgmma"] = ptx.count("wgmma.mma_async")
+        info["ptx_mma_sync"] = ptx.count("mma.sync")
+        cubin = kern.asm.get("cubin")
+        if cubin is not None:
+            with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+                f.write(cubin)
+            try:
+                sass = subprocess.run(["cuobjdump", "-sass", f.name], capture_output=True, text=True, timeout=60).stdout
+                for op in ("IGMMA", "QGMMA", "HGMMA", "IMMA", "HMMA", "LDL", "STL", "I2F", "F2I"):
+                    info["sass_" + op] = sum(1 for line in sass.splitlines() if op in line)
+            except Exception as e:
+                info["sass_error"] = repr(e)[:200]
+        if ARGS.logdir:
+            d = pathlib.Path(ARGS.logdir) / "ir"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{tag}.ttgir").write_text(kern.asm.get("ttgir", ""))
+            (d / f"{tag}.ptx").write_text(ptx)
+        LOG["compiler"][tag] = info
+        print(f"[compiler] {tag}: {info}", flush=True)
+    except Exception as e:
+        LOG["errors"].append(f"compiler report {tag}: {e!r}"[:300])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+ROWS = []
+
+
+def graph_ms(fn):
+    """Median GPU time of fn replayed from a CUDA graph: the kernels alone, no Python / launch overhead."""
+    if ARGS.dry:
+        return None
+    try:
+        st = torch.cuda.Stream()
+        st.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(st):
+            fn()
+            fn()
+        torch.cuda.current_stream().wait_stream(st)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        t = triton.testing.do_bench(g.replay, warmup=10, rep=50, return_mode="median")
+        del g
+        return t
+    except Exception as e:
+        LOG["errors"].append(f"graph capture: {str(e)[-300:]}")
+        return None
+
+
+def host_us(fn, n=30):
+    """Host (CPU) time per call: Python wrapper + launch, the GPU not waited for."""
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    sync()
+    return (t1 - t0) / n * 1e6
+
+
+def measure(fn):
+    return {"ms": bench(fn), "ms_graph": graph_ms(fn), "host_us": host_us(fn)}
+
+
+def add(m, k, n, variant, meas, base, correct, **extra):
+    ms, msg = meas["ms"], meas.get("ms_graph")
+    row = {"M": m, "K": k, "N": n, "variant": variant, "ms": round(ms, 5),
+           "speedup_vs_bf16": round(base["ms"] / ms, 3), "correct": bool(correct),
+           "ms_graph": round(msg, 5) if msg else None,
+           "speedup_graph_vs_bf16": round(base["ms_graph"] / msg, 3) if msg and base.get("ms_graph") else None,
+           "host_us": round(meas.get("host_us", 0.0), 1)}
+    row.update(extra)
+    ROWS.append(row)
+    return row
+
+
+def time_shape(m, name, k, n):
+    x = make_x(m, k, torch.bfloat16, seed=5)
+    mult = (torch.rand(k) + 0.5).to(DEV)
+    had = ARGS.had_block if k % ARGS.had_block == 0 else 0
+    bias = (torch.randn(n) * 0.1).to(torch.bfloat16).to(DEV)
+    w8 = make_weight(n, k, "int8")
+    wf8 = make_weight(n, k, "fp8")
+    w4 = make_weight(n, k, "int4")
+    w4g = make_weight(n, k, "int4", group=128)
+    wb = reference.dequantize_weight(w8).to(torch.bfloat16)
+
+    base = measure(lambda: F.linear(x, wb, bias))
+    add(m, k, n, "bf16", base, base, True, layer=name)
+
+    a8 = taq.quantize_activation(x, mult, had, "int8", 127, None, 0)
+    a8p = taq.quantize_activation(x, mult, had, "int8", 127, None, 0, perm=True)  # W4A8's parity-split codes
+    af8 = taq.quantize_activation(x, mult, had, "fp8", 127, None, 0)
+    sync()
+    # baselines on the same codes
+    try:
+        wt = w8.data.t()
+        meas = measure(lambda: torch._int_mm(a8.q, wt))
+        y = torch._int_mm(a8.q, wt).float() * a8.scale[:, None] * w8.scale[None, :] + bias.float()
+        ref8 = reference.quantized_matmul(a8, w8, bias, torch.float32)
+        add(m, k, n, "int_mm", meas, base, rel_err(y, ref8) < 1e-4, layer=name, mode="gemm_only_no_epilogue")
+    except Exception as e:
+        LOG["errors"].append(f"int_mm {m}x{k}x{n}: {e!r}"[:300])
+    try:
+        sa = af8.scale[:, None].contiguous()
+        sb = wf8.scale[None, :].contiguous()
+        wft = wf8.data.t()
+        fn = lambda: torch._scaled_mm(af8.q, wft, scale_a=sa, scale_b=sb, bias=bias, out_dtype=torch.bfloat16)  # noqa
+        y = fn()
+        meas = measure(fn)
+        reff = reference.quantized_matmul(af8, wf8, bias, torch.float32)
+        add(m, k, n, "scaled_mm_fp8", meas, base, rel_err(y, reff) < 8e-3, layer=name, mode="gemm+epilogue")
+    except Exception as e:
+        LOG["errors"].append(f"scaled_mm {m}x{k}x{n}: {e!r}"[:300])
+
+    variants = [("w8a8_int8", w8, "int8", "per_channel", False), ("w8a8_fp8", wf8, "fp8", "per_channel", False),
+                ("w4a8", w4, "int8", "per_channel", True), ("w4a8", w4g, "int8", "group128", True),
+                ("w4a8", w4, "int8", "per_channel", False)]
+    for variant, w, af, wkind, perm in variants:
+        if af == "fp8" and not tops.fp8_ok(torch.device(DEV)):
+            continue
+        a = a8p if perm else (a8 if af == "int8" else af8)
+        try:
+            out = torch.full((m, n), float("nan"), device=DEV, dtype=torch.bfloat16)
+            y = tgemm.quantized_matmul(a, w, bias, torch.bfloat16, out=out, a_perm=perm)  # tunes once per shape
+            sync()
+            e = rel_err(y, reference.quantized_matmul(a8 if af == "int8" else af8, w, bias, torch.float32))
+            kern = tgemm.last_kernel
+            cfg = tgemm.last_config
+            meas = measure(lambda: tgemm.quantized_matmul(a, w, bias, torch.bfloat16, out=out, a_perm=perm))
+            layout = "parity_split" if perm else "natural"
+            add(m, k, n, variant, meas, base, e < 8e-3, layer=name, weight=wkind, mode="gemm", a_layout=layout,
+                rel_err=e, config=list(cfg) if cfg else None)
+            if m == 8192 and (variant != "w4a8" or perm):
+                compiler_report(f"{variant}_{wkind}_{layout}_{m}x{k}x{n}", kern)
+            if variant == "w4a8" and not perm:
+                continue  # the layer itself always takes the parity-split path
+            # the whole layer: fused activation quantize + GEMM, as QuantLinear calls it
+            fn = lambda: tops.quant_linear(x, w, bias, mult, had, af, 127, None, 0)  # noqa: E731
+            yf = fn()
+            ef = rel_err(yf, reference.quantized_matmul(a8 if af == "int8" else af8, w, bias, torch.float32))
+            add(m, k, n, variant, measure(fn), base, ef < 1e-2, layer=name, weight=wkind,
+                mode="act_quant+gemm", rel_err=ef)
+        except Exception as ex:
+            LOG["errors"].append(f"{variant} {wkind} {m}x{k}x{n}: {str(ex)[-600:]}")
+            print(f"[error] {variant} {wkind} {m}x{k}x{n}: {ex!r}"[:300], flush=True)
+
+    # fused activation quantize vs its bandwidth floor (bf16 in, int8 codes + fp32 scales out)
+    try:
+        for fmt in ("int8", "fp8"):
+            a = taq.quantize_activation(x, mult, had, fmt, 127, None, 0)
+            sync()
+            r = reference.quantize_activation(x, mult, had, fmt, 127, None, 0)
+            dq = (a.q.float() - r.q.float()).abs()
+            frac = (dq > 0).float().mean().item()
+            ok = (dq.max().item() <= (1 if fmt == "int8" else 32)) and frac < 0.01
+            meas = measure(lambda: taq.quantize_activation(x, mult, had, fmt, 127, None, 0))
+            kern = taq.last_kernel
+            floor = (m * k * 2 + m * k + m * 4) / (LOG["ceilings"]["copy_GBps"] * 1e9) * 1e3
+            cfg = taq.last_config
+            row = add(m, k, n, "act_quant", meas, base, ok, layer=name, floor_ms=round(floor, 5), fmt=fmt,
+                      had_block=had, mult=True, over_floor=round(meas["ms"] / floor, 2),
+                      over_floor_graph=round(meas["ms_graph"] / floor, 2) if meas["ms_graph"] else None,
+                      mismatch_frac=frac, config=list(cfg) if cfg else None)
+            if m == 8192:
+                compiler_report(f"act_quant_{fmt}_{m}x{k}", kern)
+            # the plain version (no smoothing, no rotation) for comparison
+            mp = measure(lambda: taq.quantize_activation(x, None, 0, fmt, 127, None, 0))
+            row["ms_plain_no_rotation"] = round(mp["ms"], 5)
+            row["ms_graph_plain_no_rotation"] = round(mp["ms_graph"], 5) if mp["ms_graph"] else None
+            row["config_plain"] = list(taq.last_config)
+    except Exception as ex:
+        LOG["errors"].append(f"act_quant {m}x{k}: {str(ex)[-600:]}")
+        print(f"[error] act_quant {m}x{k}: {ex!r}"[:300], flush=True)
+
+
+def gpu_name():
+    if ARGS.dry:
+        return "cpu-interpreter"
+    return torch.cuda.get_device_name()
+
+
+def write(final=False):
+    out_dir = pathlib.Path(ARGS.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gname = gpu_name()
+    slug = "".join(ch if ch.isalnum() else "_" for ch in gname).strip("_").lower()
+    doc = {"gpu": gname, "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+           "torch": torch.__version__, "triton": triton.__version__, "ceilings": LOG["ceilings"],
+           "complete": final, "rows": ROWS}
+    path = out_dir / f"linear_{slug}.json"
+    path.write_text(json.dumps(doc, indent=1))
+    if ARGS.logdir:
+        d = pathlib.Path(ARGS.logdir)
+        d.mkdir(parents=True, exist_ok=True)
+        tim = {str(k): {str(c): t for c, t in v.items()} for k, v in tgemm.tuner.timings.items()}
+        tim.update({"act_quant " + str(k): {str(c): t for c, t in v.items()} for k, v in taq.tuner.timings.items()})
+        (d / "log.json").write_text(json.dumps({"log": LOG, "timings": tim,
+                                                "tuner_errors": {str(k): v for k, v in taq.last_errors.items()}},
+                                               indent=1, default=str))
+    return path
+
+
+def table():
+    print(f"\n{'M':>6} {'K':>5} {'N':>5} {'layer':>8} {'variant':<13} {'mode':<22} {'ms':>7} {'x bf16':>6} "
+          f"{'graph':>7} {'x bf16':>6} {'host':>5} ok")
+    for r in ROWS:
+        mode = r.get("mode", "")
+        if r["variant"] == "act_quant":
+            mode = f"{r.get('fmt')} floor {r['floor_ms']:.4f}"
+        elif r["variant"] == "w4a8":
+            mode = r.get("weight", "")[:5] + ("" if r.get("a_layout", "") != "natural" else " nat") + " " + mode
+        g = r.get("ms_graph") or 0.0
+        print(f"{r['M']:>6} {r['K']:>5} {r['N']:>5} {r.get('layer', ''):>8} {r['variant']:<13} {mode[:22]:<22} "
+              f"{r['ms']:7.4f} {r['speedup_vs_bf16'] or 0:6.2f} {g:7.4f} {r.get('speedup_graph_vs_bf16') or 0:6.2f} "
+              f"{r.get('host_us', 0):5.0f} {'y' if r['correct'] else 'N'}")
+
+
+def main():
+    print(f"GPU: {gpu_name()}  torch {torch.__version__}  triton {triton.__version__}", flush=True)
+    ceilings()
+    if not ARGS.no_sweep:
+        correctness_sweep()
+        print(f"[time] sweep done at {time.time() - T0:.0f}s", flush=True)
+    for m in MS:
+        for name, k, n in SHAPES:
+            if time.time() - T0 > ARGS.budget_s:
+                LOG["errors"].append(f"budget reached: skipped M={m} {name}")
+                continue
+            time_shape(m, name, k, n)
+            write()
+            print(f"[time] M={m} {name} done at {time.time() - T0:.0f}s", flush=True)
+    path = write(final=True)
+    fails = [c["name"] for c in LOG["checks"] if not c["ok"]] + [f"{r['variant']} {r['M']}x{r['K']}x{r['N']}"
+                                                                 for r in ROWS if not r["correct"]]
+    print(f"\nwrote {path}; {len(fails)} failed checks: {fails[:20]}; errors: {len(LOG['errors'])}")
+    for e in LOG["errors"][:10]:
+        print("  error:", e)
+    table()
+
+
+if __name__ == "__main__":
+    main()

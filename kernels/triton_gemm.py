@@ -1,0 +1,436 @@
+"""Quantized GEMMs (Triton) with the dequant epilogue fused: out = (a_q @ w_q^T) * s_tok * s_ch (- zero term) + bias.
+
+Formats (see types.QuantizedWeight): activations int8 or fp8 e4m3 [M, K]; weights int8 [N, K], fp8 [N, K], or int4
+packed two per byte [N, K/2] (offset-binary, low nibble = even column), unpacked in registers to int8.
+
+Math (the oracle is reference.quantized_matmul):
+  per channel:  out[m,n] = s_a[m] * s_w[n] * (acc[m,n] - z[n] * qsum[m])            (z term only if asymmetric)
+  group-wise:   out[m,n] = s_a[m] * sum_g s_w[n,g] * (acc_g[m,n] - z[n,g] * qsum[m,g])
+with acc the int32 (fp32 for fp8) dot product and qsum the per-token sums of the activation codes.
+
+Two kernels:
+  * `_qgemm_kernel`: one program per output tile, grouped tile order for L2 reuse, pointer loads. Any GPU
+    with int8 tensor cores (and the CPU interpreter).
+  * `_qgemm_tma_kernel`: persistent (one program per SM walks tiles), tiles fetched by the TMA engine through
+    tensor descriptors, the K loops of consecutive tiles flattened into one pipelined loop so the next tile's
+    loads overlap this tile's epilogue. Hopper and newer.
+The dispatcher (triton_ops) times the candidates of both once per shape on the GPU and keeps the fastest.
+"""
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_act_quant import INTERPRET, Tuner, m_bucket
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except Exception:  # Triton too old for host-side tensor descriptors
+    TensorDescriptor = None
+
+
+@triton.jit
+def _tile_ids(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped ("super-row") tile order: GROUP_M row-tiles share each column strip of W while it is in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_pid_n
+    group = tile // width
+    first_m = group * GROUP_M
+    rows_here = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % width) % rows_here
+    pid_n = (tile % width) // rows_here
+    return pid_m, pid_n
+
+
+@triton.jit
+def _w_tile(w, W_INT4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] weight codes; int4: unpack [BLOCK_N, BLOCK_K/2] bytes to int8 in registers."""
+    if W_INT4:
+        lo = (w & 15).to(tl.int8) - 8
+        hi = (w >> 4).to(tl.int8) - 8
+        w = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K])
+    return w
+
+
+@triton.jit
+def _int4_halves(w):
+    """Packed bytes [BLOCK_N, BLOCK_K/2] -> (even-column codes, odd-column codes), int8, same layout: no shuffle."""
+    lo = (w & 15).to(tl.int8) - 8
+    hi = (w >> 4).to(tl.int8) - 8
+    return lo, hi
+
+
+@triton.jit
+def _i32_to_f32(acc, MAGIC: tl.constexpr):
+    if MAGIC:  # |acc| < 2**22: integer add + float subtract instead of the slower I2F conversion
+        return (acc + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    else:
+        return acc.to(tl.float32)
+
+
+@triton.jit
+def _fold_group(acc_f, acc_i, g, offs_m, offs_n, M, N, WS, WZ, QS, stride_ws, stride_qs,
+                HAS_ZERO: tl.constexpr, MAGIC: tl.constexpr):
+    f = _i32_to_f32(acc_i, MAGIC)
+    nmask = offs_n < N
+    ws = tl.load(WS + offs_n * stride_ws + g, mask=nmask, other=0.0)
+    if HAS_ZERO:
+        qs = tl.load(QS + offs_m * stride_qs + g, mask=offs_m < M, other=0).to(tl.float32)
+        z = tl.load(WZ + offs_n * stride_ws + g, mask=nmask, other=0.0).to(tl.float32)
+        f = f - qs[:, None] * z[None, :]
+    return acc_f + f * ws[None, :]
+
+
+@triton.jit
+def _epilogue_values(acc_f, offs_m, offs_n, M, N, AS, WS, WZ, QS, BIAS, stride_qs,
+                     GROUP_K: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N] output tile: token scale x channel scale (- zero term) + bias."""
+    mmask = offs_m < M
+    nmask = offs_n < N
+    a_s = tl.load(AS + offs_m, mask=mmask, other=0.0)
+    if GROUP_K == 0:
+        w_s = tl.load(WS + offs_n, mask=nmask, other=0.0)
+        if HAS_ZERO:
+            qs = tl.load(QS + offs_m * stride_qs, mask=mmask, other=0).to(tl.float32)
+            z = tl.load(WZ + offs_n, mask=nmask, other=0.0).to(tl.float32)
+            acc_f = acc_f - qs[:, None] * z[None, :]
+        out = acc_f * (a_s[:, None] * w_s[None, :])
+    else:
+        out = acc_f * a_s[:, None]
+    if HAS_BIAS:
+        out = out + tl.load(BIAS + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    return out
+
+
+@triton.jit
+def _epilogue(acc_f, offs_m, offs_n, M, N, C, stride_cm, AS, WS, WZ, QS, BIAS, stride_qs,
+              GROUP_K: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr):
+    out = _epilogue_values(acc_f, offs_m, offs_n, M, N, AS, WS, WZ, QS, BIAS, stride_qs, GROUP_K, HAS_ZERO, HAS_BIAS)
+    tl.store(C + offs_m[:, None] * stride_cm + offs_n[None, :], out.to(C.dtype.element_ty),
+             mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
+def _qgemm_kernel(A, B, C, AS, WS, WZ, QS, BIAS, M, N, K, stride_am, stride_bn, stride_cm, stride_ws, stride_qs,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                  W_INT4: tl.constexpr, IS_FP8: tl.constexpr, GROUP_K: tl.constexpr, HAS_ZERO: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, MAGIC: tl.constexpr, A_PERM: tl.constexpr = False):
+    # A_PERM (int4 weights, K % BLOCK_K == 0): the activation codes are parity-split (even channels in the first
+    # half of each row, odd in the second), so the two nibbles of each weight byte meet their activations with
+    # two plain dot products and no interleaving shuffle.
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    am = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)  # wrapped rows: loads need no mask
+    bn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
+    KB: tl.constexpr = BLOCK_K // 2 if W_INT4 else BLOCK_K
+    rk = tl.arange(0, BLOCK_K)
+    rkb = tl.arange(0, KB)
+    if A_PERM:
+        a_ptrs = A + am[:, None] * stride_am + rkb[None, :]
+    else:
+        a_ptrs = A + am[:, None] * stride_am + rk[None, :]
+    b_ptrs = B + bn[:, None] * stride_bn + rkb[None, :]
+    if GROUP_K == 0:
+        if IS_FP8:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if A_PERM:
+                lo, hi = _int4_halves(tl.load(b_ptrs))
+                acc = tl.dot(tl.load(a_ptrs), tl.trans(lo), acc, out_dtype=acc.dtype)
+                acc = tl.dot(tl.load(a_ptrs + K // 2), tl.trans(hi), acc, out_dtype=acc.dtype)
+                a_ptrs += KB
+                b_ptrs += KB
+            elif EVEN_K:
+                a = tl.load(a_ptrs)
+                w = tl.load(b_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=rk[None, :] < K - k * BLOCK_K, other=0.0)
+                w = tl.load(b_ptrs, mask=rkb[None, :] < (K - k * BLOCK_K) // (BLOCK_K // KB), other=0.0)
+            if not A_PERM:
+                acc = tl.dot(a, tl.trans(_w_tile(w, W_INT4, BLOCK_N, BLOCK_K)), acc, out_dtype=acc.dtype)
+                a_ptrs += BLOCK_K
+                b_ptrs += KB
+        acc_f = acc.to(tl.float32)
+    else:
+        acc_f = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for g in range(0, K // GROUP_K):
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+            for kk in tl.static_range(GROUP_K // BLOCK_K):
+                if A_PERM:
+                    lo, hi = _int4_halves(tl.load(b_ptrs))
+                    acc = tl.dot(tl.load(a_ptrs), tl.trans(lo), acc, out_dtype=acc.dtype)
+                    acc = tl.dot(tl.load(a_ptrs + K // 2), tl.trans(hi), acc, out_dtype=acc.dtype)
+                    a_ptrs += KB
+                else:
+                    a = tl.load(a_ptrs)
+                    w = tl.load(b_ptrs)
+                    acc = tl.dot(a, tl.trans(_w_tile(w, W_INT4, BLOCK_N, BLOCK_K)), acc, out_dtype=acc.dtype)
+                    a_ptrs += BLOCK_K
+                b_ptrs += KB
+            acc_f = _fold_group(acc_f, acc, g, offs_m, offs_n, M, N, WS, WZ, QS, stride_ws, stride_qs,
+                                HAS_ZERO, MAGIC)
+    _epilogue(acc_f, offs_m, offs_n, M, N, C, stride_cm, AS, WS, WZ, QS, BIAS, stride_qs,
+              GROUP_K, HAS_ZERO, HAS_BIAS)
+
+
+@triton.jit
+def _qgemm_tma_kernel(a_desc, b_desc, C, AS, WS, WZ, QS, BIAS, M, N, K, stride_cm, stride_ws, stride_qs,
+                      NUM_PROGS,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                      W_INT4: tl.constexpr, IS_FP8: tl.constexpr, GROUP_K: tl.constexpr, HAS_ZERO: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, MAGIC: tl.constexpr, EPI_TMA: tl.constexpr, A_PERM: tl.constexpr = False):
+    start = tl.program_id(0)
+    KB: tl.constexpr = BLOCK_K // 2 if W_INT4 else BLOCK_K
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    my_tiles = tl.cdiv(num_tiles - start, NUM_PROGS)
+    tile = start - NUM_PROGS
+    ki = -1
+    pid_m = 0
+    pid_n = 0
+    if IS_FP8:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    acc_f = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # One flat loop over (tile, k) pairs: the software pipeline then prefetches the next tile's first K blocks
+    # while this tile's epilogue runs.
+    for _ in range(0, my_tiles * k_tiles):
+        ki = tl.where(ki == k_tiles - 1, 0, ki + 1)
+        if ki == 0:
+            tile += NUM_PROGS
+            pid_m, pid_n = _tile_ids(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        if A_PERM:  # parity-split activations (see _qgemm_kernel): two dots, no interleave
+            lo, hi = _int4_halves(b_desc.load([pid_n * BLOCK_N, ki * KB]))
+            a_e = a_desc.load([pid_m * BLOCK_M, ki * KB])
+            a_o = a_desc.load([pid_m * BLOCK_M, K // 2 + ki * KB])
+            if GROUP_K == 0:
+                acc = tl.dot(a_e, tl.trans(lo), acc, out_dtype=acc.dtype)
+                acc = tl.dot(a_o, tl.trans(hi), acc, out_dtype=acc.dtype)
+            else:
+                part = tl.dot(a_e, tl.trans(lo), out_dtype=tl.int32)
+                part = tl.dot(a_o, tl.trans(hi), part, out_dtype=tl.int32)
+        else:
+            a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
+            w = _w_tile(b_desc.load([pid_n * BLOCK_N, ki * KB]), W_INT4, BLOCK_N, BLOCK_K)
+            if GROUP_K == 0:
+                acc = tl.dot(a, tl.trans(w), acc, out_dtype=acc.dtype)
+            else:
+                part = tl.dot(a, tl.trans(w), out_dtype=tl.int32)
+        if GROUP_K != 0:  # BLOCK_K == GROUP_K: one K block is one group
+            acc_f = _fold_group(acc_f, part, ki, pid_m * BLOCK_M + tl.arange(0, BLOCK_M),
+                                pid_n * BLOCK_N + tl.arange(0, BLOCK_N), M, N, WS, WZ, QS, stride_ws, stride_qs,
+                                HAS_ZERO, MAGIC)
+        if ki == k_tiles - 1:
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            if GROUP_K == 0:
+                out = _epilogue_values(acc.to(tl.float32), offs_m, offs_n, M, N, AS, WS, WZ, QS, BIAS, stride_qs,
+                                       GROUP_K, HAS_ZERO, HAS_BIAS)
+                if IS_FP8:
+                    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                else:
+                    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+            else:
+                out = _epilogue_values(acc_f, offs_m, offs_n, M, N, AS, WS, WZ, QS, BIAS, stride_qs,
+                                       GROUP_K, HAS_ZERO, HAS_BIAS)
+                acc_f = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            if EPI_TMA:  # C is a tensor descriptor: one bulk asynchronous store, clipped at the edges
+                C.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out.to(C.dtype))
+            else:
+                tl.store(C + offs_m[:, None] * stride_cm + offs_n[None, :], out.to(C.dtype.element_ty),
+                         mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Candidates: (kind, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_stages, num_warps)
+_SMALL_M = [("ptr", 16, 64, 128, 1, 4, 4), ("ptr", 16, 128, 128, 1, 4, 4), ("ptr", 32, 64, 128, 1, 4, 4),
+            ("ptr", 32, 128, 128, 4, 4, 4), ("ptr", 16, 64, 256, 1, 3, 4)]
+_MID_M = [("ptr", 64, 64, 128, 8, 4, 4), ("ptr", 64, 128, 128, 8, 4, 4), ("ptr", 128, 64, 128, 8, 4, 4),
+          ("ptr", 128, 128, 128, 8, 4, 8), ("tma", 64, 128, 128, 8, 4, 4), ("tma", 128, 128, 128, 8, 4, 8),
+          ("tma", 128, 64, 128, 8, 4, 4)]
+_LARGE_M = [("ptr", 128, 256, 128, 8, 3, 8), ("ptr", 256, 128, 128, 8, 3, 8), ("ptr", 128, 128, 128, 8, 4, 8),
+            ("ptr", 128, 128, 128, 8, 4, 4), ("ptr", 64, 128, 128, 8, 4, 4), ("ptr", 128, 128, 128, 8, 3, 4),
+            ("ptr", 128, 128, 64, 8, 4, 4),
+            ("tma", 128, 256, 128, 8, 3, 8), ("tma", 256, 128, 128, 8, 3, 8), ("tma", 128, 128, 128, 8, 4, 8),
+            ("tma", 128, 128, 128, 8, 4, 4),
+            ("tmas", 128, 256, 128, 8, 3, 8), ("tmas", 256, 128, 128, 8, 3, 8), ("tmas", 128, 128, 128, 8, 4, 8),
+            ("tmas", 128, 256, 64, 8, 4, 8),
+            # two programs per SM: one's epilogue / synchronous int8 wgmma wait overlaps the other's main loop
+            ("tma2", 128, 128, 128, 8, 3, 4), ("tma2", 128, 128, 64, 8, 4, 4), ("tmas2", 128, 128, 64, 8, 4, 4),
+            ("tma2", 64, 128, 128, 8, 4, 4)]
+_INTERP = [("ptr", 32, 32, 64, 4, 1, 4), ("tma", 32, 32, 64, 4, 1, 4), ("ptr", 16, 64, 128, 1, 1, 4),
+           ("tmas", 32, 32, 64, 4, 1, 4), ("tma2", 32, 32, 64, 4, 1, 4)]
+
+tuner = Tuner("qgemm")
+last_kernel = None  # the last compiled kernel launched and its candidate (benchmark reports)
+last_config = None
+# Restrict the kinds tried (bench / debugging): VIDITQ_GEMM_KINDS=ptr or tma or ptr,tma
+_KINDS_ENV = "VIDITQ_GEMM_KINDS"
+
+
+@functools.lru_cache(maxsize=16)
+def _device_info(device_str: str):
+    """(compute capability major, multiprocessor count) of a CUDA device; (0, 4) on the interpreter."""
+    if INTERPRET or not device_str.startswith("cuda"):
+        return 0, 4
+    props = torch.cuda.get_device_properties(torch.device(device_str))
+    return props.major, props.multi_processor_count
+
+
+def tma_ok(device: torch.device) -> bool:
+    if TensorDescriptor is None:
+        return False
+    if INTERPRET:
+        return True
+    return device.type == "cuda" and _device_info(str(device))[0] >= 9
+
+
+def candidates(m: int, n: int, k: int, w_int4: bool, group_k: int, tma: bool, tma_store: bool = False,
+               a_perm: bool = False):
+    if INTERPRET:
+        base = list(_INTERP)
+    elif m <= 32:
+        base = list(_SMALL_M)
+    elif m <= 1024:
+        base = _SMALL_M[2:4] + _MID_M
+    else:
+        base = list(_LARGE_M)
+    kinds = os.environ.get(_KINDS_ENV, "ptr,tma,tmas,tma2,tmas2").split(",")
+    out = []
+    for c in base:
+        kind, bm, bn, bk, gm, st, nw = c
+        if kind not in kinds or (kind != "ptr" and not tma) or (kind.startswith("tmas") and not tma_store):
+            continue
+        if group_k and bm * bn > 64 * 32 * nw:  # two fp32/int32 accumulators must fit in registers
+            continue
+        if group_k:
+            if kind != "ptr":
+                bk = group_k  # one K block per group
+            elif group_k % bk:
+                bk = min(group_k, bk)
+                if group_k % bk:
+                    continue
+        if a_perm and k % bk:
+            continue
+        c = (kind, bm, bn, bk, gm, st, nw)
+        if c not in out:
+            out.append(c)
+    if not out:
+        bk = min(64, group_k) if group_k else 64
+        if a_perm:
+            bk = 32 if k % 64 else 64
+        out.append(("ptr", 32, 32, bk, 4, 2, 4))
+    return out
+
+
+def _weight_desc(wd, n, bn, kb):
+    """The weight's tensor descriptor, built once per weight tensor and block shape.
+
+    Kept as an attribute of the tensor itself (a reference cycle the garbage collector frees with the tensor),
+    so a cache never keeps an unloaded model's weights alive.
+    """
+    per = getattr(wd, "_viditq_tma_desc", None)
+    if per is None:
+        per = {}
+        try:
+            wd._viditq_tma_desc = per
+        except Exception:  # tensor subclasses that refuse attributes: no caching
+            pass
+    d = per.get((bn, kb))
+    if d is None:
+        d = per[(bn, kb)] = TensorDescriptor(wd, [n, wd.shape[1]], [wd.stride(0), 1], [bn, kb])
+    return d
+
+
+def supported(a_fmt: str, w) -> bool:
+    """Does a kernel exist for activations in `a_fmt` times this QuantizedWeight?"""
+    if w.fmt == "fp8":
+        return a_fmt == "fp8" and not w.group_size and w.zero is None
+    if w.fmt in ("int8", "int4"):
+        if a_fmt != "int8":
+            return False
+        g = w.group_size
+        if g and (g & (g - 1) or g < 16 or w.in_features % g):
+            return False
+        return w.in_features % 2 == 0 or w.fmt == "int8"
+    return False
+
+
+def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False):
+    """Triton twin of reference.quantized_matmul(a, w, bias, out_dtype); None when no kernel fits.
+
+    a_perm=True: `a.q` holds the codes parity-split (triton_act_quant.quantize_activation(perm=True)); int4 only.
+    """
+    global last_kernel, last_config
+    a_fmt = "fp8" if a.q.dtype == torch.float8_e4m3fn else "int8"
+    if not supported(a_fmt, w):
+        return None
+    q = a.q if a.q.stride(-1) == 1 else a.q.contiguous()
+    m, k = q.shape
+    n = w.out_features
+    if k != w.in_features:
+        raise ValueError(f"activation has {k} channels, weight expects {w.in_features}")
+    group_k = int(w.group_size or 0)
+    has_zero = w.zero is not None
+    if has_zero and a.qsum is None:
+        return None
+    if a_perm and (w.fmt != "int4" or k % 32):
+        return None
+    dev = q.device
+    c = out if out is not None else torch.empty((m, n), device=dev, dtype=out_dtype)
+    if m == 0 or n == 0:
+        return c
+    wd = w.data if w.data.is_contiguous() else w.data.contiguous()
+    ws = w.scale.float().contiguous()
+    wz = w.zero.float().contiguous() if has_zero else ws
+    qs = a.qsum if has_zero else a.scale
+    stride_qs = qs.stride(0) if has_zero else 0
+    stride_ws = ws.stride(0) if group_k else 0
+    bias_t = bias.contiguous() if bias is not None else a.scale
+    w_int4 = w.fmt == "int4"
+    is_fp8 = a_fmt == "fp8"
+    if has_zero and group_k and a.qsum.shape[1] != k // group_k:
+        return None
+    if has_zero and not group_k and a.qsum.shape[1] != 1:
+        return None
+    bound = 127 * (8 if w_int4 else 128) * max(group_k, 1)
+    magic = bool(group_k) and bound < (1 << 22)
+    flags = dict(W_INT4=w_int4, IS_FP8=is_fp8, GROUP_K=group_k, HAS_ZERO=has_zero, HAS_BIAS=bias is not None,
+                 MAGIC=magic, A_PERM=bool(a_perm))
+    tma = tma_ok(dev) and q.data_ptr() % 16 == 0 and wd.data_ptr() % 16 == 0 and k % 16 == 0 and \
+        (wd.shape[1] * wd.element_size()) % 16 == 0
+    tma_store = tma and c.data_ptr() % 16 == 0 and (c.stride(0) * c.element_size()) % 16 == 0 and c.stride(1) == 1
+    nsm = _device_info(str(dev))[1]
+
+    def launch(cfg):
+        kind, bm, bn, bk, gm, st, nw = cfg
+        if kind == "ptr":
+            grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+            return _qgemm_kernel[grid](
+                q, wd, c, a.scale, ws, wz, qs, bias_t, m, n, k, q.stride(0), wd.stride(0), c.stride(0),
+                stride_ws, stride_qs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, EVEN_K=k % bk == 0,
+                num_stages=st, num_warps=nw, **flags)
+        kb = bk // 2 if w_int4 else bk
+        a_desc = TensorDescriptor(q, [m, k], [q.stride(0), 1], [bm, kb if a_perm else bk])
+        b_desc = _weight_desc(wd, n, bn, kb)
+        epi_tma = kind.startswith("tmas")
+        c_arg = TensorDescriptor(c, [m, n], [c.stride(0), 1], [bm, bn]) if epi_tma else c
+        tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+        progs = min(nsm * (2 if kind.endswith("2") else 1), tiles)
+        return _qgemm_tma_kernel[(progs,)](
+            a_desc, b_desc, c_arg, a.scale, ws, wz, qs, bias_t, m, n, k, c.stride(0), stride_ws, stride_qs, progs,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, EPI_TMA=epi_tma, num_stages=st, num_warps=nw, **flags)
+
+    key = (m_bucket(m), n, k, str(dev), out_dtype, bias_t.dtype, tma, tma_store, os.environ.get(_KINDS_ENV, "")) + \
+        tuple(flags.values())
+    cfg = tuner.pick(key, candidates(m, n, k, w_int4, group_k, tma, tma_store, bool(a_perm)), launch)
+    last_config = cfg
+    last_kernel = launch(cfg)
+    return c

@@ -1,0 +1,368 @@
+"""Triton kernels vs the torch reference, on the CPU through TRITON_INTERPRET=1 (set by conftest.py).
+
+Every kernel: the fused activation quantize (both its chunked two-pass and whole-row modes), the pointer GEMM and
+the persistent TMA-descriptor GEMM, for int8 / int4 (per channel, group 64/128) / fp8 weights, symmetric and
+asymmetric, fp16 / bf16 / fp32 in and out, odd sizes, extreme tokens, outputs poisoned before each run.
+
+What the interpreter cannot show (checked on the GPU by bench/bench_linear.py instead): the bf16 hi/lo split of
+the Hadamard product (the interpreter's bf16 dot is broken, so the kernel uses an fp32 dot there), the hardware
+fp8 conversion (the interpreter's truncates, so the kernel rounds to the e4m3 grid itself there), speed.
+"""
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from viditq.kernels import dispatch, reference  # noqa: E402
+from viditq.kernels import triton_act_quant as taq  # noqa: E402
+from viditq.kernels import triton_gemm as tg  # noqa: E402
+from viditq.kernels import triton_ops  # noqa: E402
+from viditq.kernels.types import QuantizedWeight  # noqa: E402
+
+HAS_FP8 = hasattr(torch, "float8_e4m3fn")
+fp8_only = pytest.mark.skipif(not HAS_FP8, reason="this torch build has no float8_e4m3fn dtype")
+
+
+def make_x(m, k, dtype, seed=0, extreme=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * (torch.rand(k, generator=g) * 3 + 0.2)
+    if extreme and m > 1:
+        x[0] *= 1000.0  # one token 1000x larger than the rest
+        x[m // 2] = 0.0  # an all-zero token
+    return x.to(dtype)
+
+
+def make_w(n, k, fmt, group=0, asym=False, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, k // group) if group else (n,)
+    scale = torch.rand(shape, generator=g) * 0.02 + 0.002
+    zero = None
+    if fmt == "int8":
+        data = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        if asym:
+            zero = torch.randint(-20, 21, shape, generator=g).float() + 0.25
+    elif fmt == "int4":
+        data = reference.pack_int4(torch.randint(-8, 8, (n, k), generator=g))
+        if asym:
+            zero = torch.randint(-3, 4, shape, generator=g).float()
+    else:
+        data = (torch.randn(n, k, generator=g) * 60).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return QuantizedWeight(data=data, scale=scale, zero=zero, fmt=fmt, in_features=k, group_size=group)
+
+
+def rel_err(y, r):
+    y, r = y.double(), r.double()
+    assert torch.isfinite(y).all(), "non-finite output (unwritten or overflowed)"
+    return ((y - r).norm() / r.norm().clamp_min(1e-30)).item()
+
+
+OUT_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# fused activation quantize
+def _poisoned(m, k, fmt, sum_group):
+    q = torch.full((m, k), -128, dtype=torch.int8) if fmt == "int8" else \
+        torch.full((m, k), float("nan")).to(torch.float8_e4m3fn)
+    scale = torch.full((m,), float("nan"))
+    qsum = torch.full((m, k // sum_group), -2 ** 31, dtype=torch.int32) if sum_group else None
+    return q, scale, qsum
+
+
+def _run_aq(x, mult, had, fmt, qmax, static, sg, mode):
+    """Run the kernel in `mode` ('chunked' or 'row') into poisoned buffers."""
+    k = x.shape[-1]
+    m = x.reshape(-1, k).shape[0]
+    cands = taq.candidates(k, had, sg, bool(sg) and sg == k)
+    pieces = [c for c in cands if c[1] == -1]
+    whole = [c for c in cands if c[1] >= k]
+    chunked = [c for c in cands if 0 < c[1] < k]
+    pick = {"chunked": chunked or whole, "row": whole or chunked, "pieces": pieces or whole}[mode][0]
+    bufs = _poisoned(m, k, fmt, sg)
+    taq.tuner.force = pick
+    try:
+        a = taq.quantize_activation(x, mult, had, fmt, qmax, static, sg, out=bufs)
+    finally:
+        taq.tuner.force = None
+    assert a is not None
+    return a
+
+
+def _check_aq(a, r, fmt, had, exact):
+    assert torch.isfinite(a.scale).all(), "scale not fully written"
+    torch.testing.assert_close(a.scale, r.scale, rtol=2e-6, atol=0)
+    if fmt == "int8":
+        assert (a.q != -128).all(), "codes not fully written (or out of range)"
+        dq = (a.q.int() - r.q.int()).abs()
+        if exact:
+            assert dq.max().item() == 0
+        else:  # the rotation is summed in another order: a code may move by one at a rounding tie
+            assert dq.max().item() <= 1 and (dq > 0).float().mean().item() < 5e-3
+    else:
+        qa, qr = a.q.float(), r.q.float()
+        assert torch.isfinite(qa).all(), "fp8 codes not fully written"
+        dq = (qa - qr).abs()
+        if exact:
+            assert dq.max().item() == 0
+        else:  # at most one e4m3 step apart, rarely
+            assert (dq <= 0.13 * torch.maximum(qa.abs(), qr.abs()) + 2.0 ** -9).all()
+            assert (dq > 0).float().mean().item() < 5e-3
+    # dequantized activations agree, which a wrong scale or rotation would not
+    da, dr = reference.dequantize_activation(a), reference.dequantize_activation(r)
+    assert rel_err(da, dr) < 2e-3
+    if r.qsum is not None:
+        assert (a.qsum != -2 ** 31).all(), "qsum not fully written"
+        m, k = a.q.shape
+        g = k // a.qsum.shape[1]
+        torch.testing.assert_close(a.qsum, a.q.int().reshape(m, k // g, g).sum(-1, dtype=torch.int32))
+        assert (a.qsum - r.qsum).abs().max().item() <= (0 if exact else g)
+
+
+AQ_CASES = [
+    # (M, K, dtype, had_block, mult, fmt, qmax, static, sum_group)
+    (1, 64, torch.float16, 0, False, "int8", 127, False, 0),
+    (7, 192, torch.bfloat16, 64, True, "int8", 127, False, 0),
+    (129, 192, torch.float16, 16, True, "int8", 31, False, 64),
+    (7, 192, torch.float32, 4, False, "int8", 7, False, 192),
+    (129, 1152, torch.bfloat16, 128, True, "int8", 127, False, 128),
+    (7, 1152, torch.float16, 128, False, "int8", 127, True, 0),
+    (7, 4608, torch.bfloat16, 128, True, "int8", 127, False, 0),
+    (7, 1152, torch.bfloat16, 0, True, "int8", 31, False, 1152),
+    (3, 192, torch.bfloat16, 0, False, "int8", 127, True, 64),
+]
+
+
+@pytest.mark.parametrize("mode", ["chunked", "row", "pieces"])
+@pytest.mark.parametrize("case", AQ_CASES, ids=lambda c: f"M{c[0]}K{c[1]}-{str(c[2])[6:]}-h{c[3]}-q{c[6]}-s{c[8]}")
+def test_act_quant_int8(case, mode):
+    m, k, dt, had, use_mult, fmt, qmax, static, sg = case
+    x = make_x(m, k, dt, seed=m + k)
+    mult = torch.rand(k) + 0.5 if use_mult else None
+    ss = torch.tensor(0.04) if static else None
+    a = _run_aq(x, mult, had, fmt, qmax, ss, sg, mode)
+    r = reference.quantize_activation(x, mult, had, fmt, qmax, ss, sg)
+    _check_aq(a, r, fmt, had, exact=had <= 1)
+
+
+@fp8_only
+@pytest.mark.parametrize("mode", ["chunked", "row"])
+@pytest.mark.parametrize("m,k,dt,had,use_mult,static", [
+    (7, 192, torch.bfloat16, 0, False, False), (129, 192, torch.float16, 64, True, False),
+    (1, 1152, torch.float32, 128, True, False), (7, 192, torch.bfloat16, 0, True, True)])
+def test_act_quant_fp8(m, k, dt, had, use_mult, static, mode):
+    x = make_x(m, k, dt, seed=3)
+    mult = torch.rand(k) + 0.5 if use_mult else None
+    ss = torch.tensor(0.05) if static else None
+    a = _run_aq(x, mult, had, "fp8", 127, ss, 0, mode)
+    r = reference.quantize_activation(x, mult, had, "fp8", 127, ss, 0)
+    _check_aq(a, r, "fp8", had, exact=had <= 1)
+
+
+def test_act_quant_leading_dims_and_empty():
+    x = make_x(2 * 5, 128, torch.float16).reshape(2, 5, 128)
+    a = taq.quantize_activation(x, None, 16, "int8", 127, None, 0)
+    r = reference.quantize_activation(x, None, 16, "int8", 127, None, 0)
+    assert a.q.shape == (10, 128)
+    _check_aq(a, r, "int8", 16, exact=False)
+    e = taq.quantize_activation(torch.zeros(0, 64), None, 0, "int8", 127, None, 0)
+    assert e.q.shape == (0, 64) and e.scale.shape == (0,)
+
+
+def test_act_quant_unsupported_returns_none():
+    x = torch.randn(3, 96)
+    assert taq.quantize_activation(x, None, 64, "int8", 127, None, 0) is None  # 96 % 64
+    assert taq.quantize_activation(x, None, 0, "int8", 127, None, 48) is None  # group not a power of two
+    assert taq.quantize_activation(x, None, 0, "int4", 7, None, 0) is None
+    # triton_ops falls back to the reference for those
+    a = triton_ops.quantize_activation(x, None, 0, "int8", 127, None, 48)
+    r = reference.quantize_activation(x, None, 0, "int8", 127, None, 48)
+    assert torch.equal(a.q, r.q) and torch.equal(a.qsum, r.qsum)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GEMMs with the fused epilogue
+GEMM_CASES = [
+    # (M, N, K, weight fmt, group, asym, out dtype, bias)
+    (1, 72, 192, "int8", 0, False, torch.float16, True),
+    (7, 200, 192, "int8", 0, True, torch.float32, False),
+    (129, 72, 256, "int8", 64, False, torch.bfloat16, True),
+    (7, 72, 256, "int8", 128, True, torch.float32, True),
+    (7, 72, 192, "int4", 0, False, torch.float32, True),
+    (129, 200, 192, "int4", 0, True, torch.float16, True),
+    (7, 72, 256, "int4", 64, False, torch.float32, False),
+    (1, 200, 256, "int4", 64, True, torch.bfloat16, True),
+    (129, 72, 256, "int4", 128, True, torch.float32, True),
+    (7, 72, 256, "int4", 128, False, torch.float16, True),
+]
+
+
+def _run_gemm(a, w, bias, out_dtype, kind, monkeypatch, a_perm=False):
+    monkeypatch.setenv("VIDITQ_GEMM_KINDS", kind)
+    m, n = a.q.shape[0], w.out_features
+    out = torch.full((m, n), float("nan"), dtype=out_dtype)
+    y = tg.quantized_matmul(a, w, bias, out_dtype, out=out, a_perm=a_perm)
+    assert y is not None and y.data_ptr() == out.data_ptr()
+    assert y.dtype == out_dtype and y.shape == (m, n)
+    return y
+
+
+@pytest.mark.parametrize("kind", ["ptr", "tma", "tmas", "tma2"])
+@pytest.mark.parametrize("case", GEMM_CASES,
+                         ids=lambda c: f"M{c[0]}N{c[1]}K{c[2]}-{c[3]}-g{c[4]}-{'as' if c[5] else 's'}-{str(c[6])[6:]}")
+def test_gemm_int(case, kind, monkeypatch):
+    m, n, k, fmt, group, asym, odt, has_bias = case
+    w = make_w(n, k, fmt, group, asym, seed=m + n)
+    x = make_x(m, k, torch.float32, seed=k) * (0.01 if odt == torch.float16 else 1.0)  # fp16 out: stay finite
+    sg = (group or k) if asym else 0
+    a = reference.quantize_activation(x, None, 0, "int8", 127, None, sg)
+    bias = (torch.randn(n) * 0.5).to(odt) if has_bias else None
+    y = _run_gemm(a, w, bias, odt, kind, monkeypatch)
+    exact = reference.quantized_matmul(a, w, bias, torch.float64)
+    assert rel_err(y, exact) < OUT_TOL[odt]
+    if asym:  # the zero-point correction matters: dropping it would be far off
+        w0 = QuantizedWeight(w.data, w.scale, None, w.fmt, w.in_features, w.group_size)
+        assert rel_err(reference.quantized_matmul(a, w0, bias, torch.float64), exact) > max(10 * OUT_TOL[odt], 0.05)
+
+
+@fp8_only
+@pytest.mark.parametrize("kind", ["ptr", "tma", "tmas"])
+@pytest.mark.parametrize("m,n,k,odt", [(1, 72, 192, torch.bfloat16), (129, 200, 192, torch.float32),
+                                       (7, 72, 1152, torch.float16)])
+def test_gemm_fp8(m, n, k, odt, kind, monkeypatch):
+    w = make_w(n, k, "fp8", seed=m)
+    x = make_x(m, k, torch.float32, seed=2) * (0.01 if odt == torch.float16 else 1.0)
+    a = reference.quantize_activation(x, None, 0, "fp8", 127, None, 0)
+    bias = torch.randn(n).to(odt)
+    y = _run_gemm(a, w, bias, odt, kind, monkeypatch)
+    assert rel_err(y, reference.quantized_matmul(a, w, bias, torch.float64)) < OUT_TOL[odt]
+
+
+@pytest.mark.parametrize("kind", ["ptr", "tma"])
+def test_gemm_realistic_shape(kind, monkeypatch):
+    """PixArt qkv (K=1152 -> N=3456; N=1152 for the slower-to-interpret TMA kernel), 129 tokens (a partial row
+    tile), bf16 out; W8A8 on one kernel, W4A8 on the other."""
+    m, k, n = 129, 1152, (3456 if kind == "ptr" else 1152)
+    a = reference.quantize_activation(make_x(m, k, torch.bfloat16), None, 0, "int8", 127, None, 0)
+    bias = torch.randn(n).to(torch.bfloat16)
+    for fmt in ("int8",) if kind == "ptr" else ("int4",):
+        w = make_w(n, k, fmt)
+        y = _run_gemm(a, w, bias, torch.bfloat16, kind, monkeypatch)
+        assert rel_err(y, reference.quantized_matmul(a, w, bias, torch.float64)) < OUT_TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("kind", ["ptr", "tma", "tmas"])
+@pytest.mark.parametrize("m,n,k,group,asym,had,mode", [(7, 72, 256, 0, False, 64, "pieces"),
+                                                       (33, 40, 256, 128, True, 0, "chunked"),
+                                                       (129, 72, 1152, 64, True, 128, "row")])
+def test_w4a8_parity_split_path(m, n, k, group, asym, had, mode, kind, monkeypatch):
+    """The W4A8 layer path: the quantize kernel writes codes parity-split, the GEMM reads them without interleave."""
+    x = make_x(m, k, torch.bfloat16, seed=k + m)
+    mult = torch.rand(k) + 0.5
+    sg = (group or k) if asym else 0
+    a = _run_aq_perm(x, mult, had, sg, mode)
+    r = reference.quantize_activation(x, mult, had, "int8", 127, None, sg)
+    rq = torch.cat([r.q[:, 0::2], r.q[:, 1::2]], dim=1)  # the parity-split layout of the reference codes
+    assert (a.q != -128).all(), "codes not fully written"
+    dq = (a.q.int() - rq.int()).abs()
+    assert dq.max().item() <= 1 and (dq > 0).float().mean().item() < 5e-3
+    torch.testing.assert_close(a.scale, r.scale, rtol=2e-6, atol=0)
+    if sg:
+        assert (a.qsum - r.qsum).abs().max().item() <= sg
+    w = make_w(n, k, "int4", group, asym)
+    y = _run_gemm(a, w, None, torch.float32, kind, monkeypatch, a_perm=True)
+    # oracle: the same codes in natural order through the exact reference GEMM
+    nat = type(a)(q=torch.stack([a.q[:, : k // 2], a.q[:, k // 2:]], dim=-1).reshape(m, k), scale=a.scale, qsum=a.qsum)
+    assert rel_err(y, reference.quantized_matmul(nat, w, None, torch.float64)) < 1e-5
+
+
+def _run_aq_perm(x, mult, had, sg, mode):
+    k = x.shape[-1]
+    cands = taq.candidates(k, had, sg, bool(sg) and sg == k)
+    pieces = [c for c in cands if c[1] == -1]
+    whole = [c for c in cands if c[1] >= k]
+    chunked = [c for c in cands if 0 < c[1] < k]
+    pick = {"chunked": chunked or whole, "row": whole or chunked, "pieces": pieces or whole}[mode][0]
+    taq.tuner.force = pick
+    try:
+        return taq.quantize_activation(x, mult, had, "int8", 127, None, sg, out=_poisoned(x.shape[0], k, "int8", sg),
+                                       perm=True)
+    finally:
+        taq.tuner.force = None
+
+
+def test_gemm_k4608_small_tile(monkeypatch):
+    """fc2-like K=4608 with the small-M candidate (BLOCK_K=128, BLOCK_M=16), an odd N."""
+    m, k, n = 7, 4608, 40
+    a = reference.quantize_activation(make_x(m, k, torch.float16), None, 0, "int8", 127, None, k)
+    w = make_w(n, k, "int8", asym=True)
+    monkeypatch.setenv("VIDITQ_GEMM_KINDS", "ptr")
+    tg.tuner.force = ("ptr", 16, 64, 128, 1, 1, 4)
+    try:
+        out = torch.full((m, n), float("nan"), dtype=torch.float32)
+        y = tg.quantized_matmul(a, w, None, torch.float32, out=out)
+    finally:
+        tg.tuner.force = None
+    assert rel_err(y, reference.quantized_matmul(a, w, None, torch.float64)) < 1e-5
+
+
+def test_gemm_unsupported_combos():
+    a8 = reference.quantize_activation(torch.randn(3, 192), None, 0, "int8", 127, None, 0)
+    assert tg.quantized_matmul(a8, make_w(8, 192, "int8", group=48), None, torch.float32) is None
+    assert tg.quantized_matmul(a8, make_w(8, 192, "int8", asym=True), None, torch.float32) is None  # no qsum
+    if HAS_FP8:
+        assert tg.quantized_matmul(a8, make_w(8, 192, "fp8"), None, torch.float32) is None
+        af = reference.quantize_activation(torch.randn(3, 192), None, 0, "fp8", 127, None, 0)
+        assert tg.quantized_matmul(af, make_w(8, 192, "int8"), None, torch.float32) is None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the whole layer: fused quantize + GEMM through triton_ops, the call dispatch makes on CUDA
+@pytest.mark.parametrize("dt,fmt,group,asym,had", [
+    (torch.float16, "int8", 0, True, 128), (torch.bfloat16, "int4", 0, False, 64),
+    (torch.bfloat16, "int4", 128, True, 0), (torch.float32, "int8", 64, False, 16)])
+def test_quant_linear_end_to_end(dt, fmt, group, asym, had):
+    b, t, k, n = 2, 33, 256, 72
+    x = (make_x(b * t, k, torch.float32, seed=9) * (0.01 if dt == torch.float16 else 1.0)).to(dt).reshape(b, t, k)
+    w = make_w(n, k, fmt, group, asym)
+    mult = torch.rand(k) + 0.5
+    bias = torch.randn(n).to(dt)
+    sg = (group or k) if asym else 0
+    y = triton_ops.quant_linear(x, w, bias, mult, had, "int8", 127, None, sg)
+    assert y is not None and y.shape == (b * t, n) and y.dtype == dt
+    # oracle: the reference quantize then the exact GEMM of those codes
+    r = reference.quantized_matmul(reference.quantize_activation(x, mult, had, "int8", 127, None, sg), w, bias,
+                                   torch.float64)
+    assert rel_err(y, r) < max(OUT_TOL[dt], 3e-3)  # a code may differ by one at a rounding tie
+
+
+@fp8_only
+def test_quant_linear_fp8_end_to_end():
+    x = make_x(9, 192, torch.bfloat16)
+    w = make_w(40, 192, "fp8")
+    y = triton_ops.quant_linear(x, w, None, None, 64, "fp8", 127, None, 0)
+    r = reference.quantized_matmul(reference.quantize_activation(x, None, 64, "fp8", 127, None, 0), w, None,
+                                   torch.float64)
+    assert rel_err(y, r) < 1e-2
+
+
+def test_quant_linear_unsupported_is_none():
+    x = torch.randn(4, 192)
+    assert triton_ops.quant_linear(x, make_w(8, 192, "int8"), None, None, 0, "fp8", 127, None, 0) is None
+    assert triton_ops.quant_linear(x, make_w(8, 192, "int8", group=48), None, None, 0, "int8", 127, None, 0) is None
+    assert triton_ops.quant_linear(x, make_w(8, 192, "int8"), None, None, 128, "int8", 127, None, 0) is None
+
+
+def test_dispatch_cpu_uses_reference(monkeypatch):
+    """On CPU tensors the dispatcher never reaches Triton; VIDITQ_BACKEND still validates."""
+    assert dispatch.resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert dispatch.resolve_backend("triton", torch.device("cpu")) == "torch"
+    monkeypatch.setenv("VIDITQ_BACKEND", "bogus")
+    with pytest.raises(ValueError):
+        dispatch.resolve_backend("auto", torch.device("cpu"))
+
+
+def test_tuner_forced_and_cached():
+    t = taq.Tuner("t")
+    assert t.pick(("k",), [(1,), (2,)], lambda c: None) == (1,)  # interpreter: the first candidate
+    t.force = (2,)
+    assert t.pick(("k",), [(1,), (2,)], lambda c: None) == (2,)

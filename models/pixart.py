@@ -67,6 +67,9 @@ class SizeEmbedder(TimestepEmbedder):
 
 
 class Attention(nn.Module):
+    # attention function hook: fn(q, k, v) with [B, H, N, D] in and out; None = SDPA (quant_core.attention sets it)
+    attn_fn = None
+
     def __init__(self, hidden: int, heads: int):
         super().__init__()
         self.heads = heads
@@ -76,11 +79,13 @@ class Attention(nn.Module):
     def forward(self, x):
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = (self.attn_fn or F.scaled_dot_product_attention)(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
 class CrossAttention(nn.Module):
+    attn_fn = None  # as Attention.attn_fn
+
     def __init__(self, hidden: int, heads: int):
         super().__init__()
         self.heads = heads
@@ -93,7 +98,7 @@ class CrossAttention(nn.Module):
         h, d = self.heads, c // self.heads
         q = self.q_linear(x).reshape(b, n, h, d).transpose(1, 2)
         k, v = self.kv_linear(y).reshape(b, -1, 2, h, d).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = (self.attn_fn or F.scaled_dot_product_attention)(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 

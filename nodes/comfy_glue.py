@@ -45,3 +45,23 @@ def ksample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return out, time.perf_counter() - t0
+
+
+def install_range_clock(patcher, clock) -> None:
+    """Set `clock` (a per-timestep-range plan's) from model_sampling.timestep(sigma) around every model call.
+
+    An APPLY_MODEL wrapper: it composes with other nodes' wrappers and survives a later unet function wrapper.
+    """
+    import comfy.patcher_extension
+
+    model_sampling = patcher.get_model_object("model_sampling")
+
+    def set_range(executor, x, t, *args, **kwargs):
+        clock.set_timesteps(model_sampling.timestep(t))
+        try:
+            return executor(x, t, *args, **kwargs)
+        finally:
+            clock.clear()
+
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "vidit_q_timestep_range",
+                                 set_range)

@@ -5,6 +5,7 @@ import comfy.samplers
 from comfy_api.latest import io, ui
 
 from ..quant_core.metrics import compare
+from ..quant_core.temporal import frames_in_batch, temporal_metrics
 from .comfy_glue import ksample, quant_summary
 from ..quant_core.visualize import latent_preview, side_by_side
 
@@ -53,12 +54,24 @@ class ViDiTQQuantizedSampler(io.ComfyNode):
         summary = quant_summary(model_q)
         report.update({"preset": summary.get("preset"), "plan": summary.get("plan"),
                        "quantization": {k: v for k, v in summary.items() if k not in ("preset", "plan")}})
+        # video latents are 5-D [B, C, T, H, W]: temporal consistency vs FP16 (quant_core/temporal.py), frames
+        # decoded one by one by a per-image VAE, compare = one frame of comparison per video frame
+        video = ref.ndim == 5
+        if video:
+            report["temporal"] = temporal_metrics(ref, test)
         if vae is not None:
-            img_fp, img_q = vae.decode(ref), vae.decode(test)
+            per_frame = video and getattr(vae, "latent_dim", 2) != 3
+            img_fp = vae.decode(frames_in_batch(ref) if per_frame else ref)
+            img_q = vae.decode(frames_in_batch(test) if per_frame else test)
             img_fp, img_q = img_fp.reshape(-1, *img_fp.shape[-3:]), img_q.reshape(-1, *img_q.shape[-3:])
             report["image"] = compare(img_fp, img_q)
-            image = side_by_side(img_fp, img_q)
+            if video:
+                report["image_temporal"] = temporal_metrics(img_fp, img_q, frames=img_fp.shape[0] // ref.shape[0])
+        elif video:
+            img_fp, img_q = latent_preview(frames_in_batch(ref)), latent_preview(frames_in_batch(test))
         else:
-            image = side_by_side(latent_preview(ref), latent_preview(test))
+            img_fp, img_q = latent_preview(ref), latent_preview(test)
+        # one error scale for all frames of a video, so the heat map does not flicker by itself
+        image = side_by_side(img_fp, img_q, vmax=float((img_fp - img_q).abs().mean(-1).max()) if video else None)
         text = json.dumps(report, indent=1, default=str)
         return io.NodeOutput(latent_fp, latent_q, image, text, ui=ui.PreviewText(text))

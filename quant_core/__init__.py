@@ -2,14 +2,19 @@
 from .apply import build_quant_layers, describe_model, replace_layers
 from .archs import UnsupportedModelError
 from .calibration import BRANCH_NAMES, COND, UNCOND, CalibrationData, Calibrator
+from .checkpoint import CheckpointError, load_quantized, read_quantized, save_quantized
 from .config import PRESET_NAMES, PRESETS, QuantConfig, get_preset
 from .fingerprint import FingerprintMismatch
 from .metrics import compare
 from .plan import QuantPlan
-from .quant_linear import QuantLinear
+from .planner import PlannerSettings, PlanResult, TorchRunner, allocate_bits, plan_mixed_precision
+from .quant_linear import QuantLinear, RangeClock, TimestepSwitchLinear, range_clock_of
 
 __all__ = [
     "BRANCH_NAMES", "COND", "CalibrationData", "Calibrator", "FingerprintMismatch", "PRESETS", "PRESET_NAMES",
     "QuantConfig", "QuantLinear", "QuantPlan", "UNCOND", "UnsupportedModelError", "build_quant_layers",
     "compare", "describe_model", "get_preset", "replace_layers",
+    "PlanResult", "PlannerSettings", "RangeClock", "TimestepSwitchLinear", "TorchRunner", "allocate_bits",
+    "plan_mixed_precision", "range_clock_of",
+    "CheckpointError", "load_quantized", "read_quantized", "save_quantized",
 ]

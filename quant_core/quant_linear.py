@@ -15,8 +15,20 @@ from .. import kernels
 from ..kernels.reference import dequantize_weight
 from ..kernels.types import QuantizedWeight
 from .balancing import balance, balance_activation, hadamard_block_for, rotation_signs, smoothing_vector
+from .calibration import bucket_of
 from .config import QuantConfig
 from .quantizers import fake_quantize_activation, quantize_weight
+
+
+def layer_group_size(in_features: int, wanted: int) -> int:
+    """The group size a layer can use: `wanted` when it divides in_features, else the largest power of two
+    below it (and >= 32) that does, else 0 (per channel). PixArt's 1152 / 4608 take 128 as they are."""
+    g = wanted
+    while g >= 32:
+        if in_features % g == 0:
+            return g
+        g //= 2
+    return 0
 
 
 class QuantLinear(nn.Module):
@@ -58,8 +70,12 @@ class QuantLinear(nn.Module):
             had_block = hadamard_block_for(k, config.had_block)
             signs = rotation_signs(config.seed, name, k).to(w.device)
         w_hat, mult = balance(w, smooth, signs, had_block)
-        qw = quantize_weight(w_hat, bits=config.w_bits, fmt=config.w_format, granularity=config.w_granularity,
-                             group_size=config.w_group_size, symmetric=config.w_symmetric)
+        granularity, group = config.w_granularity, config.w_group_size
+        if granularity == "group" and k % group:
+            group = layer_group_size(k, group)
+            granularity = "group" if group else "channel"
+        qw = quantize_weight(w_hat, bits=config.w_bits, fmt=config.w_format, granularity=granularity,
+                             group_size=group, symmetric=config.w_symmetric)
         static_scale = None
         if config.a_granularity == "tensor_static":
             if act_absmax is None:
@@ -105,3 +121,74 @@ class QuantLinear(nn.Module):
         return (f"in={self.in_features}, out={self.out_features}, w={self.w_fmt}"
                 f"{'/g' + str(self.group_size) if self.group_size else ''}, a={self.act_fmt}:{self.a_bits}b, "
                 f"hadamard={self.had_block}, smoothed={self.meta.get('smoothed')}")
+
+
+class RangeClock:
+    """The timestep range of the model call in progress, shared by the TimestepSwitchLinear of one model.
+
+    The sampler side sets it before each model call (ComfyUI: a model wrapper from model_sampling.timestep(sigma);
+    plain torch: pass `set_step` as the sampler's on_model_call hook) and clears it afterwards, so a call that
+    bypasses the wrapper is an error instead of silently running the previous step's bits.
+    """
+
+    def __init__(self, num_ranges: int, num_timesteps: float = 1000.0):
+        self.num_ranges = num_ranges
+        self.num_timesteps = num_timesteps
+        self.current: Optional[int] = None
+
+    def set_timesteps(self, timesteps: torch.Tensor) -> int:
+        """Range of the batch's first row (samplers evaluate every row of a call at the same timestep)."""
+        t = torch.as_tensor(timesteps).reshape(-1)[:1].detach().float().cpu()
+        self.current = int(bucket_of(t, self.num_ranges, self.num_timesteps)[0])
+        return self.current
+
+    def set_step(self, timesteps: torch.Tensor, branches=None) -> None:  # the standalone sampler's hook signature
+        self.set_timesteps(timesteps)
+
+    def clear(self) -> None:
+        self.current = None
+
+
+class TimestepSwitchLinear(nn.Module):
+    """A linear whose implementation depends on the timestep range: variants[choice[range]] runs.
+
+    Used for per-timestep-range plans (each variant a QuantLinear on the kernel path) and by the planner's
+    sensitivity sweep (variants = the FP linear and a fake-quant QuantLinear; `choice` changes per trial).
+    """
+
+    def __init__(self, variants, choice, clock: RangeClock, name: str = ""):
+        super().__init__()
+        if len(choice) != clock.num_ranges:
+            raise ValueError(f"{len(choice)} range choices for a clock of {clock.num_ranges} ranges")
+        self.variants = nn.ModuleList(variants)
+        self.choice = list(choice)
+        self.clock = clock
+        self.name = name
+        first = variants[0]
+        self.in_features, self.out_features = first.in_features, first.out_features
+        self.meta = dict(getattr(first, "meta", {}) or {})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.clock.current
+        if r is None:
+            raise RuntimeError(
+                f"ViDiT-Q: layer {self.name or '?'} switches bits by timestep range but no timestep was set for "
+                "this model call; sample through the model wrapper ViDiT-Q Quantize installs (plain torch: pass "
+                "RangeClock.set_step as the sampler's on_model_call hook)")
+        return self.variants[self.choice[r]](x)
+
+    def weight_bytes(self) -> int:
+        """Bytes of every stored variant that is used in some range (all of them live in memory)."""
+        used = set(self.choice)
+        return sum(v.weight_bytes() for i, v in enumerate(self.variants) if i in used and hasattr(v, "weight_bytes"))
+
+    def extra_repr(self) -> str:
+        return f"name={self.name}, choice={self.choice}"
+
+
+def range_clock_of(layers) -> Optional[RangeClock]:
+    """The clock the sampler must set for these layers (None when no layer switches by timestep)."""
+    for module in layers.values():
+        if isinstance(module, TimestepSwitchLinear):
+            return module.clock
+    return None

@@ -11,10 +11,12 @@ import urllib.request
 import pytest
 
 from comfy_env import COMFYUI_PATH, TINY_CHECKPOINT, requires_comfyui, write_tiny_checkpoint
+from viditq.models.opensora.tiny import save_tiny_opensora
 
 pytestmark = requires_comfyui
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
+TINY_OPENSORA = "tiny-opensora-v1-16x512x512.safetensors"
 
 
 def test_shared_workflows_match_their_generator():
@@ -55,6 +57,7 @@ def server(tmp_path_factory):
     (custom / "ComfyUI-ViDiT-Q").symlink_to(ROOT, target_is_directory=True)
     (custom / "viditq_test_nodes").symlink_to(ROOT / "tests" / "comfy_test_nodes", target_is_directory=True)
     write_tiny_checkpoint(base / "models" / "diffusion_models")
+    save_tiny_opensora(base / "models" / "opensora" / TINY_OPENSORA, "1.0", caption_channels=4096, token_num=120)
     port = _free_port()
     log = open(base / "server.log", "w")
     cmd = [sys.executable, "main.py", "--cpu", "--base-directory", str(base), "--listen", "127.0.0.1",
@@ -131,3 +134,83 @@ def test_api_workflow_runs_headless_and_reports(server):
     assert report["seconds_fp"] > 0 and report["seconds_q"] > 0
     saved = list((server["output"] / "vidit_q").glob("*"))
     assert any(p.suffix == ".png" for p in saved) and any(p.suffix == ".latent" for p in saved), saved
+
+
+def _tiny_opensora_version_of(api: dict) -> dict:
+    """The OpenSORA workflow on the tiny STDiT: stand-in text features, 128 px x 4 frames, 2 steps, no VAE (the
+    quantized branch keeps its latent; the compare frames still go through ViDiTQSaveVideo)."""
+    api = _tiny_version_of(api)
+    for node_id, node in list(api.items()):
+        ct, inputs = node["class_type"], node["inputs"]
+        if ct == "ViDiTQOpenSoraLoader":
+            inputs["ckpt_name"] = TINY_OPENSORA
+        elif ct == "EmptyOpenSoraLatent":
+            inputs.update(width=128, height=128, frames=4, batch_size=1)
+        elif ct == "OpenSoraVAEDecode":
+            api[node_id] = {"class_type": "SaveLatent",
+                            "inputs": {"samples": inputs["samples"], "filename_prefix": "vidit_q/opensora_ksampler"}}
+    for node_id, node in list(api.items()):  # video savers fed by a removed decoder
+        if node["class_type"] == "ViDiTQSaveVideo" and api.get(node["inputs"]["images"][0], {}).get(
+                "class_type") == "SaveLatent":
+            del api[node_id]
+    return api
+
+
+def test_opensora_api_workflow_runs_headless_and_reports(server):
+    api = _tiny_opensora_version_of(json.loads((WORKFLOWS / "opensora_w8a8_compare_api.json").read_text()))
+    prompt_id = _post(server["url"] + "/prompt", {"prompt": api, "client_id": "vidit-q-test"})["prompt_id"]
+    deadline = time.time() + 900
+    entry = None
+    while time.time() < deadline:
+        hist = _get(f"{server['url']}/history/{prompt_id}")
+        if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
+            entry = hist[prompt_id]
+            break
+        time.sleep(2)
+    assert entry is not None, "workflow did not finish:\n" + server["log"].read_text()[-3000:]
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    sampler_id = next(k for k, v in api.items() if v["class_type"] == "ViDiTQQuantizedSampler")
+    report = json.loads("".join(entry["outputs"][sampler_id]["text"]))
+    assert report["preset"] == "w8a8" and report["quantization"]["calibrated"] is True
+    assert report["quantization"]["variant"] == "opensora_v1_0"
+    assert report["psnr_db"] > 40 and report["temporal"]["frames"] == 4
+    assert 0 < report["temporal"]["frame_diff_rel_l2"] < 0.05
+    saver_id = next(k for k, v in api.items() if v["class_type"] == "ViDiTQSaveVideo")
+    video = entry["outputs"][saver_id]["images"][0]["filename"]
+    saved = {p.name for p in (server["output"] / "vidit_q").glob("*")}
+    assert video in saved and video.endswith((".mp4", ".webp")), saved
+    assert any(name.startswith("opensora_ksampler") and name.endswith(".latent") for name in saved), saved
+
+
+def test_mixed_precision_api_workflow_runs_headless_and_reports(server):
+    """Calibrate -> Planner -> Quantize(plan) -> compare; the planner plans on a 320 px latent (ComfyUI's PixArt
+    needs >= 320 px), the report carries the plan and the quality numbers."""
+    api = _tiny_version_of(json.loads((WORKFLOWS / "pixart_w4a8_mp_api.json").read_text()))
+    planner_id = next(k for k, v in api.items() if v["class_type"] == "ViDiTQPlanner")
+    api[api[planner_id]["inputs"]["latent_image"][0]]["inputs"].update(width=320, height=320)
+    prompt_id = _post(server["url"] + "/prompt", {"prompt": api, "client_id": "vidit-q-test"})["prompt_id"]
+    deadline = time.time() + 900
+    entry = None
+    while time.time() < deadline:
+        hist = _get(f"{server['url']}/history/{prompt_id}")
+        if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
+            entry = hist[prompt_id]
+            break
+        time.sleep(2)
+    assert entry is not None, "workflow did not finish:\n" + server["log"].read_text()[-3000:]
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    sampler_id = next(k for k, v in api.items() if v["class_type"] == "ViDiTQQuantizedSampler")
+    report = json.loads("".join(entry["outputs"][sampler_id]["text"]))
+    assert report["preset"] == "w4a8" and report["quantization"]["calibrated"] is True
+    budget = report["plan"]["budget"]
+    assert budget["unit"] == "avg_bits" and budget["target"] == 5.0 and 4.0 < budget["achieved_avg_bits"] <= 5.0
+    assert report["plan"]["base_preset"] == "w4a8" and 4.0 < report["quantization"]["mean_weight_bits"] < 8.0
+    assert report["psnr_db"] > 30 and 0.99 < report["cosine"] <= 1.0
+    planner_text = "".join(entry["outputs"][planner_id]["text"])
+    assert "average weight bits" in planner_text and "latent PSNR" in planner_text
+    assert entry["outputs"][planner_id]["images"], "the planner previews its heat map"
+    plans = list((server["output"] / "vidit_q_plans").glob("pixart_w4a8_mp_*.json"))
+    assert len(plans) == 1 and json.loads(plans[0].read_text())["budget"]["target"] == 5.0
+    saved = {p.name for p in (server["output"] / "vidit_q").glob("*.png")}
+    assert any(n.startswith("w4a8_mp_sensitivity") for n in saved) and any(n.startswith("w4a8_mp_compare")
+                                                                         for n in saved), saved

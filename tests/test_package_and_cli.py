@@ -38,12 +38,12 @@ def test_relative_imports_only():
 
 
 def test_demo_command_writes_report_and_image(tmp_path):
-    cmd = [sys.executable, str(ROOT / "viditq_cli.py"), "demo", "--out", str(tmp_path), "--steps", "2",
-           "--latent-size", "8", "--presets", "w8a8,w4a8"]
+    cmd = [sys.executable, str(ROOT / "viditq_cli.py"), "demo", "--out", str(tmp_path), "--steps", "2", "--model", "toy",
+           "--presets", "w8a8,w4a8"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "report.json").read_text())
-    assert [r["preset"] for r in report["rows"]] == ["w8a8", "w4a8"]
+    assert [r["preset"] for r in report["rows"]] == ["fp16", "w8a8", "w4a8"]
     assert all(r["psnr_db"] > 20 for r in report["rows"])
     assert (tmp_path / "compare.png").stat().st_size > 0
     assert "w8a8" in out.stdout and "PSNR" in out.stdout

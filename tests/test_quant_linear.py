@@ -58,3 +58,12 @@ def test_every_preset_builds():
             continue
         q = QuantLinear.from_linear(lin, "l", cfg, act_absmax=torch.ones(256))
         assert torch.isfinite(q(torch.randn(2, 256))).all(), name
+
+
+def test_group_size_falls_back_for_layers_it_does_not_divide():
+    from viditq.quant_core.quant_linear import layer_group_size
+
+    assert layer_group_size(1152, 128) == 128 and layer_group_size(192, 128) == 64
+    assert layer_group_size(96, 128) == 32 and layer_group_size(100, 128) == 0
+    q = QuantLinear.from_linear(_linear(192, 40), "l", get_preset("w4a8-g128"))
+    assert q.group_size == 64 and q.w_scale.shape == (40, 3)

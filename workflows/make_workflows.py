@@ -102,7 +102,94 @@ def pixart_w8a8_compare() -> List[Node]:
     ]
 
 
-WORKFLOWS = {"pixart_w8a8_compare": pixart_w8a8_compare}
+def opensora_w8a8_compare() -> List[Node]:
+    """OpenSORA 1.0 (16x512x512, IDDPM, SD VAE per frame): the official sampling settings (cfg 7, learned null
+    caption as the negative), 20 steps as in ViDiT-Q's calibration; W8A8 compare + the quantized MODEL alone."""
+    prompt = "a red fox running through fresh snow in a pine forest, slow motion, cinematic lighting"
+    cond = [("positive", "CONDITIONING", (3, 0)), ("negative", "CONDITIONING", (4, 0)),
+            ("latent_image", "LATENT", (5, 0))]
+    return [
+        Node(1, "ViDiTQOpenSoraLoader", (20, 40), [("ckpt_name", "OpenSora-v1-HQ-16x512x512.pth"), ("version", "auto"),
+                                                   ("weight_dtype", "default"), ("text_kv", "quantize"),
+                                                   ("space_scale", 0.0)], outputs=[("MODEL", "MODEL")],
+             size=(320, 180)),
+        Node(2, "CLIPLoader", (20, 260), [("clip_name", "t5xxl_fp16.safetensors"), ("type", "pixart"),
+                                          ("device", "default")], outputs=[("CLIP", "CLIP")]),
+        Node(3, "CLIPTextEncode", (380, 40), [("text", prompt)], [("clip", "CLIP", (2, 0))],
+             [("CONDITIONING", "CONDITIONING")]),
+        Node(4, "OpenSoraNullConditioning", (380, 260), inputs=[("model", "MODEL", (1, 0))],
+             outputs=[("CONDITIONING", "CONDITIONING")], size=(320, 60)),
+        Node(5, "EmptyOpenSoraLatent", (20, 440), [("width", 512), ("height", 512), ("frames", 16), ("batch_size", 1),
+                                                   ("version", "1.0")], outputs=[("LATENT", "LATENT")],
+             size=(320, 180)),
+        Node(6, "VAELoader", (20, 660), [("vae_name", "vae-ft-ema-560000-ema-pruned.safetensors")],
+             outputs=[("VAE", "VAE")]),
+        Node(7, "ViDiTQCalibrate", (740, 40), _sampling(cfg=7.0) + [("timestep_buckets", 4)],
+             [("model", "MODEL", (1, 0))] + cond, [("calib", "VIDITQ_CALIB")], (320, 300)),
+        Node(8, "ViDiTQQuantize", (740, 380), [("preset", "w8a8"), ("backend", "auto")],
+             [("model", "MODEL", (1, 0)), ("calib", "VIDITQ_CALIB", (7, 0)), ("plan", "VIDITQ_PLAN", None)],
+             [("MODEL", "MODEL")]),
+        Node(9, "ViDiTQQuantizedSampler", (1100, 40), _sampling(cfg=7.0) + [("denoise", 1.0)],
+             [("model_fp", "MODEL", (1, 0)), ("model_q", "MODEL", (8, 0))] + cond + [("vae", "VAE", (6, 0))],
+             [("latent_fp", "LATENT"), ("latent_q", "LATENT"), ("compare", "IMAGE"), ("report", "STRING")],
+             (340, 420)),
+        Node(10, "ViDiTQSaveVideo", (1480, 40), [("filename_prefix", "vidit_q/opensora_w8a8_compare"), ("fps", 8.0),
+                                                 ("format", "mp4")], [("images", "IMAGE", (9, 2))], size=(500, 300)),
+        Node(11, "KSampler", (1100, 520), _sampling(cfg=7.0) + [("denoise", 1.0)],
+             [("model", "MODEL", (8, 0))] + cond, [("LATENT", "LATENT")], (320, 260)),
+        Node(12, "OpenSoraVAEDecode", (1480, 420), inputs=[("samples", "LATENT", (11, 0)), ("vae", "VAE", (6, 0))],
+             outputs=[("frames", "IMAGE")]),
+        Node(13, "ViDiTQSaveVideo", (1480, 560), [("filename_prefix", "vidit_q/opensora_w8a8"), ("fps", 8.0),
+                                                  ("format", "mp4")], [("images", "IMAGE", (12, 0))], size=(400, 300)),
+    ]
+
+
+def pixart_w4a8_mp() -> List[Node]:
+    """Mixed precision: Calibrate -> Planner (sensitivity sweep on a 512 px latent, 5.0 average weight bits) ->
+    Quantize with the plan (W4A8 + W8A8 layers on the kernels) -> compare with FP16 at 1024 px; heat map saved."""
+    prompt = "a photo of a red fox sitting in fresh snow, detailed fur, soft morning light"
+    cond = [("positive", "CONDITIONING", (3, 0)), ("negative", "CONDITIONING", (4, 0))]
+    return [
+        Node(1, "UNETLoader", (20, 40), [("unet_name", "PixArt-Sigma-XL-2-1024-MS.safetensors"),
+                                         ("weight_dtype", "default")], outputs=[("MODEL", "MODEL")]),
+        Node(2, "CLIPLoader", (20, 220), [("clip_name", "t5xxl_fp16.safetensors"), ("type", "pixart"),
+                                          ("device", "default")], outputs=[("CLIP", "CLIP")]),
+        Node(3, "CLIPTextEncode", (380, 40), [("text", prompt)], [("clip", "CLIP", (2, 0))],
+             [("CONDITIONING", "CONDITIONING")]),
+        Node(4, "CLIPTextEncode", (380, 240), [("text", "")], [("clip", "CLIP", (2, 0))],
+             [("CONDITIONING", "CONDITIONING")]),
+        Node(5, "EmptyLatentImage", (20, 420), [("width", 1024), ("height", 1024), ("batch_size", 1)],
+             outputs=[("LATENT", "LATENT")]),
+        Node(6, "VAELoader", (20, 600), [("vae_name", "sdxl_vae.safetensors")], outputs=[("VAE", "VAE")]),
+        Node(7, "ViDiTQCalibrate", (740, 40), _sampling() + [("timestep_buckets", 4)],
+             [("model", "MODEL", (1, 0))] + cond + [("latent_image", "LATENT", (5, 0))],
+             [("calib", "VIDITQ_CALIB")], (320, 300)),
+        Node(14, "EmptyLatentImage", (380, 440), [("width", 512), ("height", 512), ("batch_size", 1)],
+             outputs=[("LATENT", "LATENT")]),
+        Node(8, "ViDiTQPlanner", (740, 380),
+             _sampling() + [("budget", 5.0), ("budget_unit", "avg_bits"), ("timestep_ranges", 4),
+                            ("per_range_plan", False), ("granularity", "block"), ("low_preset", "w4a8"),
+                            ("filename_prefix", "vidit_q_plans/pixart_w4a8_mp")],
+             [("model", "MODEL", (1, 0)), ("calib", "VIDITQ_CALIB", (7, 0))] + cond
+             + [("latent_image", "LATENT", (14, 0)), ("vae", "VAE", (6, 0))],
+             [("plan", "VIDITQ_PLAN"), ("sensitivity", "IMAGE"), ("plan_json", "STRING")], (340, 520)),
+        Node(9, "ViDiTQQuantize", (1100, 380), [("preset", "w4a8"), ("backend", "auto")],
+             [("model", "MODEL", (1, 0)), ("calib", "VIDITQ_CALIB", (7, 0)), ("plan", "VIDITQ_PLAN", (8, 0))],
+             [("MODEL", "MODEL")]),
+        Node(10, "ViDiTQQuantizedSampler", (1100, 40), _sampling() + [("denoise", 1.0)],
+             [("model_fp", "MODEL", (1, 0)), ("model_q", "MODEL", (9, 0))] + cond
+             + [("latent_image", "LATENT", (5, 0)), ("vae", "VAE", (6, 0))],
+             [("latent_fp", "LATENT"), ("latent_q", "LATENT"), ("compare", "IMAGE"), ("report", "STRING")],
+             (340, 420)),
+        Node(11, "SaveImage", (1480, 40), [("filename_prefix", "vidit_q/w4a8_mp_compare")],
+             [("images", "IMAGE", (10, 2))], size=(500, 300)),
+        Node(12, "SaveImage", (1480, 420), [("filename_prefix", "vidit_q/w4a8_mp_sensitivity")],
+             [("images", "IMAGE", (8, 1))], size=(500, 400)),
+    ]
+
+
+WORKFLOWS = {"pixart_w8a8_compare": pixart_w8a8_compare, "opensora_w8a8_compare": opensora_w8a8_compare,
+             "pixart_w4a8_mp": pixart_w4a8_mp}
 
 
 def render() -> dict:

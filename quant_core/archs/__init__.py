@@ -34,9 +34,10 @@ class ArchRules:
 
 
 def _families() -> List[ArchRules]:
-    from . import pixart
+    from . import opensora, pixart
 
-    return [pixart.RULES]
+    # OpenSORA first: an STDiT 1.0 also has PixArt's blocks.N.attn / cross_attn / mlp (plus attn_temp)
+    return [opensora.RULES, opensora.RULES_TEXT_KV_FP, pixart.RULES]
 
 
 def find_rules(model: nn.Module) -> Tuple[ArchRules, str]:
@@ -45,10 +46,11 @@ def find_rules(model: nn.Module) -> Tuple[ArchRules, str]:
         variant = rules.detect(model)
         if variant:
             return rules, variant
-    supported = ", ".join(r.family for r in _families())
+    supported = ", ".join(dict.fromkeys(r.family for r in _families()))
     raise UnsupportedModelError(
         f"ViDiT-Q does not support this model ({type(model).__name__}); supported DiT families: {supported}. "
-        "Load a PixArt-α/Σ checkpoint with the UNETLoader (and the T5 text encoder with CLIPLoader type 'pixart')."
+        "Load a PixArt-α/Σ checkpoint with the UNETLoader (and the T5 text encoder with CLIPLoader type 'pixart'), "
+        "or an OpenSORA 1.0/1.2 checkpoint with the ViDiT-Q OpenSORA Loader."
     )
 
 

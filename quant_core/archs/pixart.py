@@ -16,6 +16,8 @@ def detect(model: nn.Module) -> Optional[str]:
         return None
     if len(blocks) == 0 or not all(hasattr(blocks[0], a) for a in ("attn", "cross_attn", "mlp")):
         return None
+    if hasattr(blocks[0], "attn_temp"):  # OpenSORA 1.0 STDiT shares PixArt's block names, plus temporal attention
+        return None
     return "pixart_alpha" if getattr(model, "micro_conditioning", False) else "pixart_sigma"
 
 

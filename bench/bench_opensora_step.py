@@ -1,0 +1,162 @@
+"""One OpenSORA-1.0-size denoising step, FP16 vs ViDiT-Q W8A8 (GPU only; never run in CI; notes only).
+
+STDiT-XL/2 (hidden 1152, depth 28, 16 heads), a 16 x 512 x 512 video (latent [2 (CFG), 4, 16, 64, 64]), 120
+caption tokens of 4096 channels; random weights from the seeded builder (models/opensora/tiny.py at full size,
+with its DiT-like outlier channels). W8A8 uses a calibration from one FP16 forward of the same step (static
+smoothing + Hadamard). Reports the median step time (CUDA events), peak memory, linear weight bytes and the
+W8A8 output error vs FP16; writes bench/results/opensora_step_<gpu>.json.
+
+    python bench/bench_opensora_step.py                 # about 1-2 minutes on an H100/H200
+    python bench/bench_opensora_step.py --backend torch # the torch reference path (no Triton)
+    python bench/bench_opensora_step.py --dry           # CPU, tiny shapes: checks this script only
+"""
+import argparse
+import importlib.util
+import json
+import pathlib
+import sys
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _parse():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--size", type=int, default=512, help="pixels (latent = size / 8)")
+    p.add_argument("--depth", type=int, default=28)
+    p.add_argument("--hidden", type=int, default=1152)
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
+    p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
+    p.add_argument("--preset", default="w8a8")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--dry", action="store_true", help="CPU, tiny shapes (checks the script)")
+    return p.parse_args()
+
+
+def _import_pkg():
+    name = "viditq"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+
+
+def _time(fn, reps, warmup, cuda):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000.0)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main():
+    args = _parse()
+    if args.dry:
+        args.frames, args.size, args.depth, args.hidden, args.reps, args.warmup = 4, 128, 2, 144, 2, 1
+    elif not torch.cuda.is_available():
+        sys.exit("bench_opensora_step.py needs a CUDA GPU (use --dry to check the script on the CPU)")
+    _import_pkg()
+    from viditq.models.opensora.stdit import STDiT
+    from viditq.models.opensora.tiny import build_tiny_opensora_state_dict
+    from viditq.models.tiny_pixart import pseudo_caption
+    from viditq.quant_core import Calibrator, build_quant_layers, describe_model, get_preset, replace_layers
+    from viditq.quant_core.metrics import compare
+
+    cuda = not args.dry
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.float32 if args.dry else {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    heads = args.hidden // 72
+    t0 = time.perf_counter()
+    sd = build_tiny_opensora_state_dict("1.0", seed=0, hidden=args.hidden, depth=args.depth, caption_channels=4096,
+                                        token_num=120)
+    with torch.device("meta"):
+        model = STDiT(hidden_size=args.hidden, depth=args.depth, num_heads=heads, caption_channels=4096,
+                      model_max_length=120)
+    model.load_state_dict(sd, assign=True)
+    del sd
+    model = model.to(device=device, dtype=dtype).eval()
+    build_s = time.perf_counter() - t0
+
+    lat = args.size // 8
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, args.frames, lat, lat, generator=g).to(device, dtype)
+    t = torch.tensor([500.0, 500.0], device=device)
+    ctx = torch.cat([pseudo_caption("a red fox running in snow"), pseudo_caption("")]).to(device, dtype)
+
+    def step():
+        with torch.inference_mode():
+            return model(x, t, ctx)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    ref = step().float()
+    fp_s = _time(step, args.reps, args.warmup, cuda)
+    fp_peak = torch.cuda.max_memory_allocated() if cuda else None
+
+    _, variant, layers, fingerprint = describe_model(model)
+    cal = Calibrator({n: m for n, (m, _) in layers.items()}, num_buckets=4)
+    with cal:
+        cal.set_step(t.cpu(), [0, 1])
+        step()
+    calib = cal.result(fingerprint)
+    qlayers, summary = build_quant_layers(model, get_preset(args.preset), calib, backend=args.backend)
+    old = replace_layers(model, qlayers)
+    del old, qlayers
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    out = step().float()
+    q_s = _time(step, args.reps, args.warmup, cuda)
+    q_peak = torch.cuda.max_memory_allocated() if cuda else None
+
+    result = {
+        "gpu": torch.cuda.get_device_name() if cuda else "cpu (dry run)",
+        "torch": torch.__version__,
+        "model": {"variant": variant, "hidden": args.hidden, "depth": args.depth, "heads": heads,
+                  "video": [args.frames, args.size, args.size], "latent": list(x.shape), "dtype": str(dtype),
+                  "tokens": args.frames * (lat // 2) ** 2},
+        "preset": args.preset, "backend": args.backend,
+        "seconds_per_step_fp": fp_s, "seconds_per_step_q": q_s, "speedup": fp_s / q_s,
+        "peak_memory_bytes_fp": fp_peak, "peak_memory_bytes_q": q_peak,
+        "linear_weight_bytes_fp16": summary["weight_bytes_fp16"],
+        "linear_weight_bytes_quantized": summary["weight_bytes_quantized"],
+        "layers_quantized": summary["layers_quantized"],
+        "output_vs_fp": compare(ref, out),
+        "build_seconds": build_s,
+        "notes": "random weights with planted outlier channels; one step at t=500 with CFG batch 2; calibration "
+                 "from the same step",
+    }
+    out_dir = pathlib.Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = "dry" if args.dry else torch.cuda.get_device_name().replace(" ", "_").lower()
+    path = out_dir / f"opensora_step_{name}.json"
+    if not args.dry:
+        path.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    print(f"\n{result['model']['variant']} {args.frames}x{args.size}x{args.size}: FP {fp_s * 1e3:.1f} ms/step, "
+          f"{args.preset} {q_s * 1e3:.1f} ms/step ({fp_s / q_s:.2f}x), PSNR {result['output_vs_fp']['psnr_db']:.1f} dB"
+          + ("" if args.dry else f"; wrote {path}"))
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,7 @@ and bench/results/quality.png, and prints the table. Numbers are what they are: 
 import argparse
 import importlib.util
 import json
+import os
 import pathlib
 import sys
 
@@ -19,16 +20,7 @@ pkg = importlib.util.module_from_spec(spec)
 sys.modules["viditq"] = pkg
 spec.loader.exec_module(pkg)
 
-from viditq.evaluation.quality import PRESETS, evaluate, evaluation_models  # noqa: E402
-
-
-def plan_maker():
-    """The mixed-precision planner when this checkout has it (w4a8+plan rows), else None."""
-    try:
-        from viditq.quant_core import planner
-    except ImportError:
-        return None
-    return getattr(planner, "plan_for_quality_table", None)
+from viditq.evaluation.quality import PRESETS, evaluate, evaluation_models, to_device  # noqa: E402
 
 
 def plot(rows, path: pathlib.Path) -> None:
@@ -59,22 +51,26 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--presets", default=",".join(PRESETS))
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the models are small; cuda is just faster)")
+    ap.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = ap.parse_args()
     presets = [p for p in args.presets.split(",") if p]
     rows = []
     for em in evaluation_models():
+        to_device(em, args.device)
         print(f"{em.name}:")
-        rows += evaluate(em, presets, steps=args.steps, make_plan=plan_maker())
-    out = ROOT / "bench" / "results"
+        rows += evaluate(em, presets, steps=args.steps)
+    out = pathlib.Path(args.out) if args.out else ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    command = "python bench/quality.py " + " ".join(sys.argv[1:])
+    backend = os.environ.get("VIDITQ_BACKEND", "")
+    command = (f"VIDITQ_BACKEND={backend} " if backend else "") + "python bench/quality.py " + " ".join(sys.argv[1:])
     (out / "quality.json").write_text(json.dumps({"command": command.strip(), "rows": rows}, indent=1))
     plot(rows, out / "quality.png")
-    print(f"\n{'model':34s} {'preset':18s} {'PSNR dB':>8s} {'align %':>8s} {'fid dB':>7s}")
+    print(f"\n{'model':44s} {'preset':18s} {'PSNR dB':>8s} {'align %':>8s} {'fid dB':>7s} {'temp dB':>8s}")
     for r in rows:
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-        print(f"{r['model']:34s} {r['preset']:18s} {r['psnr_db']:8.2f} {fmt(r['alignment'], '8.1f'):>8s} "
-              f"{fmt(r['fidelity'], '7.2f'):>7s}")
+        print(f"{r['model']:44s} {r['preset']:18s} {r['psnr_db']:8.2f} {fmt(r['alignment'], '8.1f'):>8s} "
+              f"{fmt(r['fidelity'], '7.2f'):>7s} {fmt(r['temporal'], '8.2f'):>8s}")
 
 
 if __name__ == "__main__":

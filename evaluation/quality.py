@@ -9,6 +9,7 @@ from ..models.pixart import PixArt, pixart_config_from_state_dict
 from ..models.tiny_pixart import build_tiny_pixart_state_dict, pseudo_caption
 from ..quant_core import Calibrator, build_quant_layers, describe_model, get_preset, replace_layers
 from ..quant_core.metrics import psnr_db
+from ..quant_core.temporal import temporal_metrics
 from ..standalone.sampler import sample_euler_cfg
 from .analyzers import alignment, fidelity_to_data
 from .toy_models import caption_features, load_toy_pixart, null_features
@@ -42,7 +43,7 @@ def seeded_pixart(seed: int = 0) -> EvalModel:
                      torch.cat([pseudo_caption(p) for p in prompts]), pseudo_caption(""), noise)
 
 
-def toy_pixart(n_captions: int = 30) -> Optional[EvalModel]:
+def toy_pixart(n_captions: int = 90) -> Optional[EvalModel]:
     model = load_toy_pixart()
     if model is None:
         return None
@@ -51,12 +52,35 @@ def toy_pixart(n_captions: int = 30) -> Optional[EvalModel]:
     return EvalModel("trained-toy-pixart", model, caption_features(scenes), null_features(1), noise, scenes)
 
 
+def seeded_stdit(seed: int = 0) -> EvalModel:
+    """A seeded OpenSORA 1.0 STDiT (official key layout, outlier channels; models/opensora/tiny.py), 8 frames."""
+    from ..models.opensora.checkpoint import config_from_state_dict, model_class, state_dict_for_model
+    from ..models.opensora.tiny import build_tiny_opensora_state_dict
+
+    sd = build_tiny_opensora_state_dict("1.0", seed=seed, hidden=288, depth=2, caption_channels=256, token_num=16)
+    model = model_class("1.0")(**config_from_state_dict(sd, "1.0"))
+    model.load_state_dict(state_dict_for_model(sd, model))
+    prompts = SEEDED_PROMPTS
+    noise = torch.randn(len(prompts), 4, 8, 16, 16, generator=torch.Generator().manual_seed(seed))
+    return EvalModel("seeded-stdit-1.0-288x2 (outliers, 8 frames)", model.eval(),
+                     torch.cat([pseudo_caption(p, 16, 256) for p in prompts]), pseudo_caption("", 16, 256), noise)
+
+
 def evaluation_models() -> List[EvalModel]:
-    return [m for m in (seeded_pixart(), toy_pixart()) if m is not None]
+    return [m for m in (seeded_pixart(), seeded_stdit(), toy_pixart()) if m is not None]
+
+
+def to_device(em: EvalModel, device) -> EvalModel:
+    em.model.to(device)
+    em.cond, em.uncond, em.noise = em.cond.to(device), em.uncond.to(device), em.noise.to(device)
+    return em
 
 
 def _score(em: EvalModel, out: torch.Tensor, ref: torch.Tensor) -> Dict:
+    out, ref = out.float().cpu(), ref.float().cpu()
     row = {"psnr_db": psnr_db(ref, out), "alignment": None, "fidelity": None, "temporal": None}
+    if out.ndim == 5:  # video [B, C, T, H, W]: frame-to-frame differences vs FP16's
+        row["temporal"] = temporal_metrics(ref, out)["frame_diff_psnr_db"]
     if em.scenes is not None:
         imgs = out.clamp(-1, 1)
         row["alignment"] = sum(alignment(i, s) for i, s in zip(imgs, em.scenes)) / len(em.scenes)
@@ -64,10 +88,27 @@ def _score(em: EvalModel, out: torch.Tensor, ref: torch.Tensor) -> Dict:
     return row
 
 
+PLAN_BUDGET_BITS = 5.0
+
+
+def plan_w4a8(em: EvalModel, calib, steps: int, cfg: float):
+    """The metric-decoupled W4A8 plan at PLAN_BUDGET_BITS average weight bits (quant_core.planner)."""
+    from ..quant_core.planner import PlannerSettings, TorchRunner, plan_mixed_precision
+
+    _, _, layers, fingerprint = describe_model(em.model)
+
+    def sample_fn(model_fn, hook):
+        return sample_euler_cfg(model_fn, em.noise, em.cond, em.uncond, steps, cfg, on_model_call=hook)
+
+    settings = PlannerSettings(budget=PLAN_BUDGET_BITS, timestep_ranges=4, evaluate=False)
+    return plan_mixed_precision(layers, fingerprint, TorchRunner(em.model, sample_fn), get_preset("w4a8"), calib,
+                                settings).plan
+
+
 @torch.no_grad()
 def evaluate(em: EvalModel, presets: List[str], steps: int = 20, cfg: float = 4.5,
              make_plan: Optional[Callable] = None, log=print, outputs: Optional[Dict] = None) -> List[Dict]:
-    """One row per preset (fp16 first). make_plan(model, calib, sample_fn) -> QuantPlan for 'w4a8+plan'.
+    """One row per preset (fp16 first); 'w4a8+plan' runs the planner (make_plan(em, calib, steps, cfg) overrides).
     When `outputs` is a dict, each preset's final latents are stored in it."""
     def sample(hook=None):
         t0 = time.perf_counter()
@@ -89,11 +130,8 @@ def evaluate(em: EvalModel, presets: List[str], steps: int = 20, cfg: float = 4.
         plan = None
         base = preset
         if preset.endswith("+plan"):
-            if make_plan is None:
-                log(f"  {preset}: skipped (no planner available)")
-                continue
             base = preset.split("+")[0]
-            plan = make_plan(em.model, calib, sample)
+            plan = (make_plan or plan_w4a8)(em, calib, steps, cfg)
         q_layers, summary = build_quant_layers(em.model, get_preset(base), calib, plan)
         old = replace_layers(em.model, q_layers)
         try:

@@ -4,7 +4,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from ..quant_core import QuantLinear
+from ..quant_core.quant_linear import QuantLinear, TimestepSwitchLinear
 
 PREFIX = "diffusion_model."
 
@@ -14,15 +14,40 @@ def diffusion_model(patcher) -> torch.nn.Module:
 
 
 def fp_lookup(patcher):
-    """Resolve each layer to the module this MODEL would run, looking through other clones' swaps."""
+    """Resolve each layer to the linear this MODEL would run: through other clones' module swaps, with the
+    original weights (ComfyUI patches weights in place while a clone is loaded) plus this MODEL's own weight
+    patches (LoRA and the like) applied, so quantization sees exactly what sampling the FP MODEL would use."""
     def lookup(name, module):
-        return patcher.get_model_object(PREFIX + name)
+        module = patcher.get_model_object(PREFIX + name)
+        if not isinstance(module, torch.nn.Linear):
+            return module
+        tensors, changed = {}, False
+        for attr in ("weight", "bias"):
+            value = getattr(module, attr)
+            key = f"{PREFIX}{name}.{attr}"
+            if value is None:
+                continue
+            backup = patcher.backup.get(key)
+            if backup is not None:
+                value, changed = backup.weight, True
+            if key in patcher.patches:
+                import comfy.lora
+
+                value = comfy.lora.calculate_weight(patcher.patches[key], value.float().clone(), key).to(value.dtype)
+                changed = True
+            tensors[attr] = value
+        if not changed:
+            return module
+        linear = torch.nn.Linear(module.in_features, module.out_features, bias="bias" in tensors, device="meta")
+        for attr, value in tensors.items():
+            setattr(linear, attr, torch.nn.Parameter(value.detach(), requires_grad=False))
+        return linear
 
     return lookup
 
 
 def ensure_not_quantized(patcher, what: str) -> None:
-    if any(isinstance(v, QuantLinear) for v in patcher.object_patches.values()):
+    if any(isinstance(v, (QuantLinear, TimestepSwitchLinear)) for v in patcher.object_patches.values()):
         raise ValueError(f"{what} needs the FP16 MODEL, but this MODEL is already quantized by ViDiT-Q; "
                          "connect the loader's output instead")
 

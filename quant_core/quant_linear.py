@@ -80,7 +80,8 @@ class QuantLinear(nn.Module):
         if config.a_granularity == "tensor_static":
             if act_absmax is None:
                 raise ValueError(f"preset {config.name!r} uses static activation scales and needs a calibration")
-            static_scale = torch.tensor(float(act_absmax.max()) / (2 ** (config.a_bits - 1) - 1)).clamp_min(1e-12)
+            static_scale = torch.tensor(float(act_absmax.max()) / (2 ** (config.a_bits - 1) - 1),
+                                        device=w.device).clamp_min(1e-12)
         meta = {"name": name, "preset": config.name, "w_bits": config.w_bits, "a_bits": config.a_bits,
                 "smoothed": smooth is not None, "rotation_seed": config.seed if config.rotate else None}
         return cls(qw, linear.bias, None if mult is None else mult.float(), had_block, config.a_bits,
@@ -88,7 +89,9 @@ class QuantLinear(nn.Module):
 
     # -- run ----------------------------------------------------------------------------------------------
     def quantized_weight(self) -> QuantizedWeight:
-        return QuantizedWeight(data=self.qweight, scale=self.w_scale, zero=self.w_zero, fmt=self.w_fmt,
+        # scales stay fp32 even if someone casts the module (e.g. model.half()): kernels expect fp32
+        zero = None if self.w_zero is None else self.w_zero.float()
+        return QuantizedWeight(data=self.qweight, scale=self.w_scale.float(), zero=zero, fmt=self.w_fmt,
                                in_features=self.in_features, group_size=self.group_size)
 
     def set_simulate(self, on: bool) -> None:

@@ -129,3 +129,28 @@ def test_bad_inputs_are_clear_errors(loaded, nodes_mod, tmp_path):
     fake = comfy.model_patcher.ModelPatcher(NotADiT(), torch.device("cpu"), torch.device("cpu"))
     with pytest.raises(UnsupportedModelError, match="PixArt"):
         quantize.execute(fake, "w8a8", None, None, "auto")
+
+
+def test_quantize_sees_the_models_own_weight_patches(loaded, nodes_mod):
+    """A LoRA-style weight patch on the FP MODEL is what gets quantized (not the bare base weights)."""
+    import comfy.model_management
+
+    _, quantize, _ = nodes_mod
+    model = loaded["model"]
+    # ComfyUI's add_patches only accepts keys of the live state dict: unload the quantized clones of the
+    # tests above (their object patches stand in the tree while they stay loaded)
+    comfy.model_management.unload_all_models()
+    patched = model.clone()
+    key = "diffusion_model.blocks.0.mlp.fc1.weight"
+    # a plain "diff" patch (the live module may be another clone's QuantLinear, so the shape is spelled out)
+    patched.add_patches({key: (torch.full((4 * 1152, 1152), 0.05),)}, 1.0, 1.0)
+    (q_plain,) = quantize.execute(model, "w8a8", None, None, "auto").args
+    (q_patched,) = quantize.execute(patched, "w8a8", None, None, "auto").args
+    name = key[: -len(".weight")]
+    from viditq.kernels.reference import dequantize_weight
+
+    w_plain = dequantize_weight(q_plain.object_patches[name].quantized_weight())
+    w_patched = dequantize_weight(q_patched.object_patches[name].quantized_weight())
+    assert not torch.allclose(w_plain, w_patched)
+    assert q_plain.model_options["vidit_q"]["fingerprint"]["weights"] != \
+        q_patched.model_options["vidit_q"]["fingerprint"]["weights"]

@@ -2,7 +2,9 @@
 
 Quantized attention, softmax(Q K^T / sqrt(d)) V with low-bit tensor-core products (beyond the ViDiT-Q paper):
   * Q: one scale per token (its abs-max over the head dim), codes fp8 e4m3 (mode "fp8") or int8 (mode "int8");
-  * K: one scale per block of `block_n` tokens (per batch and head), same code format as Q;
+  * K: smoothed (its per-channel mean over the keys subtracted: q.(k - mu) differs from q.k by the same amount for
+    every key of a query, so the softmax is unchanged; it takes the channels' common offset, e.g. from the k bias,
+    out of the codes), then one scale per block of `block_n` tokens (per batch and head), same code format as Q;
   * S = (Q codes . K codes) * q_scale * k_scale, softmax in fp32, computed online block by block (flash style:
     running row max m, running sum l, rescale by exp2(m_old - m_new));
   * mode "fp8": P = exp2(S - m + log2 448) lies in [0, 448] and is cast to fp8 e4m3 as it is (no extra scale);
@@ -43,12 +45,13 @@ def quantize_q(q: torch.Tensor, fmt: str):
 
 
 def quantize_k(k: torch.Tensor, fmt: str, block_n: int):
-    """Per-block codes and scales of k [B, H, N, D]: scale [B, H, nblocks] over block_n tokens x D channels."""
+    """Per-block codes and scales of the smoothed k [B, H, N, D] (k minus its per-channel mean over the keys):
+    scale [B, H, nblocks] over block_n tokens x D channels."""
     qmax = FP8_MAX if fmt == "fp8" else INT8_MAX
     b, h, n, d = k.shape
     nb = -(-n // block_n)
     kf = torch.zeros(b, h, nb * block_n, d, dtype=torch.float32, device=k.device)
-    kf[:, :, :n] = k.float()
+    kf[:, :, :n] = k.float() - k.float().mean(dim=2, keepdim=True)
     blocks = kf.reshape(b, h, nb, block_n, d)
     scale = blocks.abs().amax(dim=(-1, -2)).clamp_min(SCALE_EPS) / qmax  # [B, H, nb]
     codes = _codes(blocks * (1.0 / scale)[..., None, None], fmt)

@@ -105,6 +105,311 @@ def _quant_store(y, scale, Q, QSUM, rows, rmask, k0, K, stride_qm, stride_sm, qm
 
 
 @triton.jit
+def _quant_store_rows(y, scale, Q, QSUM, rows, rmask, cbase, K, stride_qm, stride_sm, qmax, fmax,
+                      BLOCK_M: tl.constexpr, CW: tl.constexpr, IS_FP8: tl.constexpr, FP8_SOFT: tl.constexpr,
+                      SUM_G: tl.constexpr, ROW_SUM: tl.constexpr, PERM: tl.constexpr, EVEN_K: tl.constexpr,
+                      CLAMP: tl.constexpr = True, RCP: tl.constexpr = False):
+    """Quantize y [BLOCK_M, CW] (row i = channels cbase[i] .. cbase[i] + CW of token rows[i]) with the per-row
+    scale, store the codes (PERM 0: natural order; 1: parity-split halves; 2: perm32, see triton_gemm
+    _w4_operand32), and the per-group sums; returns the per-row code sums (ROW_SUM) or zeros."""
+    cc = tl.arange(0, CW)
+    cols = cbase[:, None] + cc[None, :]
+    if EVEN_K:
+        m2 = rmask[:, None] & (cc >= 0)[None, :]
+    else:
+        m2 = rmask[:, None] & (cols < K)
+    qrow = Q + rows[:, None] * stride_qm
+    if RCP:  # one reciprocal per row, a multiply per element (differs from dividing at the last bit: ties only)
+        v = y * (1.0 / scale)[:, None]
+    else:
+        v = y / scale[:, None]
+    part = tl.zeros([BLOCK_M], dtype=tl.int32)
+    if IS_FP8:
+        if CLAMP:
+            v = tl.minimum(tl.maximum(v, -fmax), fmax)
+        if FP8_SOFT:
+            v = _round_fp8_grid(v)
+        tl.store(qrow + cols, v.to(tl.float8e4nv), mask=m2)
+    else:
+        # CLAMP=False (dynamic scale = row abs-max / qmax): |v| <= qmax up to rounding, so it already rounds in range
+        if CLAMP:
+            v = tl.minimum(tl.maximum(v, -qmax), qmax)
+        # round half to even: the integer sits in the low bits of v + 1.5 * 2**23; its low byte is the int8 code
+        bits = (v + 12582912.0).to(tl.int32, bitcast=True)
+        qi = bits - 0x4B400000
+        if PERM == 1:
+            qe, qo = tl.split(tl.reshape(qi.to(tl.int8), [BLOCK_M, CW // 2, 2]))
+            hcols = cbase[:, None] // 2 + tl.arange(0, CW // 2)[None, :]
+            hm = rmask[:, None] & (hcols < K // 2)
+            tl.store(qrow + hcols, qe, mask=hm)
+            tl.store(qrow + K // 2 + hcols, qo, mask=hm)
+        elif PERM == 2:
+            qp = tl.reshape(tl.permute(tl.reshape(qi.to(tl.int8), [BLOCK_M, CW // 32, 16, 2]), [0, 1, 3, 2]),
+                            [BLOCK_M, CW])
+            tl.store(qrow + cols, qp, mask=m2)
+        else:
+            tl.store(qrow + cols, qi.to(tl.int8), mask=m2)
+        if SUM_G > 0:
+            if ROW_SUM:
+                part = tl.sum(qi, axis=1)
+            else:
+                gs = tl.sum(tl.reshape(qi, [BLOCK_M, CW // SUM_G, SUM_G]), axis=2)
+                gcols = cbase[:, None] // SUM_G + tl.arange(0, CW // SUM_G)[None, :]
+                tl.store(QSUM + rows[:, None] * stride_sm + gcols, gs, mask=rmask[:, None] & (gcols < K // SUM_G))
+    return part
+
+
+@triton.jit
+def _aq_load(X, rows, rmask, cols, K, stride_xm, EVEN_K: tl.constexpr):
+    ptrs = X + rows[:, None] * stride_xm + cols[None, :]
+    if EVEN_K:
+        return tl.load(ptrs, mask=rmask[:, None], other=0.0)
+    return tl.load(ptrs, mask=rmask[:, None] & (cols < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _aq_load_step(X, it, pid, NUM_PROGS, steps, NC, total, r, hr, M, K, stride_xm,
+                  BLOCK_M: tl.constexpr, CW: tl.constexpr, EVEN_K: tl.constexpr):
+    """The x chunk [BLOCK_M, CW] that flat step `it` of this program works on (all masked past the end)."""
+    rows = (pid + (it // steps) * NUM_PROGS) * BLOCK_M + r
+    return _aq_load(X, rows, (rows < M) & (it < total), ((it % steps) % NC) * CW + hr, K, stride_xm, EVEN_K)
+
+
+@triton.jit
+def _pow2_prescale(xf):
+    """Per row of xf: (p, 1/p), powers of two with max|xf * p| in [2**14, 2**15) (inside the fp16 range)."""
+    cmax = tl.max(tl.abs(xf), axis=1)
+    eb = (cmax.to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased exponent of the row-chunk max
+    p = (tl.minimum(tl.maximum(268 - eb, 1), 254) << 23).to(tl.float32, bitcast=True)  # 2**(141 - eb)
+    ip = (tl.minimum(tl.maximum(eb - 14, 1), 254) << 23).to(tl.float32, bitcast=True)  # 2**(eb - 141)
+    return p, ip
+
+
+@triton.jit
+def _rotate_raw(x, hmat, PREC: tl.constexpr, HAS_HAD: tl.constexpr, DOT_F32: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    """x [BLOCK_M, CW] (already multiplied) -> (y, f): the rotated rows are y * f[:, None] * (1 / sqrt(had)), with
+    y the +-1 products (see _rotate_chunk for PREC) and f the per-row power of two undoing PREC 1's prescale
+    (ones otherwise). Callers fold f and 1/sqrt(had) into per-row factors instead of scaling every element."""
+    f = tl.full([BLOCK_M], 1.0, tl.float32)
+    y = x.to(tl.float32)
+    if HAS_HAD:
+        if PREC == 1:
+            p, f = _pow2_prescale(y)
+            xh = (y * p[:, None]).to(tl.float16)
+            if DOT_F32:
+                y = tl.dot(xh.to(tl.float32), hmat.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
+            else:
+                y = tl.dot(xh, hmat, out_dtype=tl.float32)
+        elif PREC == 2:
+            if DOT_F32:  # CPU interpreter: its bf16 dot multiplies raw bit patterns, so use fp32 there
+                y = tl.dot(y, hmat.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
+            else:
+                hi = y.to(tl.bfloat16)
+                lo = (y - hi.to(tl.float32)).to(tl.bfloat16)
+                y = tl.dot(hi, hmat, out_dtype=tl.float32)
+                y = tl.dot(lo, hmat, y, out_dtype=tl.float32)
+        else:
+            if DOT_F32:
+                y = tl.dot(y, hmat.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
+            else:
+                y = tl.dot(x, hmat, out_dtype=tl.float32)
+    return y, f
+
+
+@triton.jit
+def _rotate_chunk(x, mv, hmat, inv_sqrt_h, PREC: tl.constexpr, HAS_MULT: tl.constexpr, HAS_HAD: tl.constexpr,
+                  DOT_F32: tl.constexpr):
+    """x [BLOCK_M, CW] (one chunk of channels) -> fp32 (x * mult) @ kron(I, H) / sqrt(had_block).
+
+    PREC 0: one product in the input's own 16-bit type (exact: no multiplier, bf16/fp16 input, +-1 matrix);
+    PREC 1: one fp16 product after a power-of-two prescale per (row, chunk) (11-bit operands);
+    PREC 2: two bf16 products, hi + lo split (~16-bit operands).
+    """
+    xf = x.to(tl.float32)
+    if HAS_MULT:
+        xf = xf * mv[None, :]
+    y = xf
+    if HAS_HAD:
+        if PREC == 1:
+            p, ip = _pow2_prescale(xf)
+            xh = (xf * p[:, None]).to(tl.float16)
+            if DOT_F32:
+                y = tl.dot(xh.to(tl.float32), hmat.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
+            else:
+                y = tl.dot(xh, hmat, out_dtype=tl.float32)
+            y = y * (ip * inv_sqrt_h)[:, None]
+        elif PREC == 2:
+            if DOT_F32:  # CPU interpreter: its bf16 dot multiplies raw bit patterns, so use fp32 there
+                y = tl.dot(xf, hmat.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
+            else:
+                hi = xf.to(tl.bfloat16)
+                lo = (xf - hi.to(tl.float32)).to(tl.bfloat16)
+                y = tl.dot(hi, hmat, out_dtype=tl.float32)
+                y = tl.dot(lo, hmat, y, out_dtype=tl.float32)
+            y = y * inv_sqrt_h
+        else:
+            if DOT_F32:
+                y = tl.dot(xf, hmat.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
+            else:
+                y = tl.dot(x, hmat, out_dtype=tl.float32)
+            y = y * inv_sqrt_h
+    return y
+
+
+@triton.jit
+def _aq_chunk_kernel(X, MULT, HMAT, Q, SCALE, QSUM, SSCALE,
+                     M, K, stride_xm, stride_qm, stride_sm, inv_sqrt_h, qmax, fmax, NUM_PROGS,
+                     BLOCK_M: tl.constexpr, CW: tl.constexpr, PREC: tl.constexpr,
+                     HAS_MULT: tl.constexpr, HAS_HAD: tl.constexpr,
+                     IS_FP8: tl.constexpr, FP8_SOFT: tl.constexpr, STATIC: tl.constexpr,
+                     SUM_G: tl.constexpr, ROW_SUM: tl.constexpr, DOT_F32: tl.constexpr, PERM: tl.constexpr,
+                     ONE_PASS: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr = 1):
+    """Persistent: program p walks row blocks p, p + NUM_PROGS, ...; each row block is walked in chunks of CW
+    channels (no padding of K), twice (pass 1: rotated abs-max, pass 2: re-read from L2, rotate, quantize, store)
+    unless ONE_PASS (static scale, or K <= CW). All (block, pass, chunk) steps form one flat loop whose next
+    step's load is issued before this step's products, so a load is always in flight."""
+    pid = tl.program_id(0)
+    NC = tl.cdiv(K, CW)
+    if ONE_PASS:
+        steps = NC
+    else:
+        steps = 2 * NC
+    n_blocks = tl.cdiv(M, BLOCK_M)
+    total = tl.cdiv(n_blocks - pid, NUM_PROGS) * steps
+    hr = tl.arange(0, CW)
+    r = tl.arange(0, BLOCK_M)
+    if HAS_HAD:
+        hmat = tl.load(HMAT + hr[:, None] * CW + hr[None, :])
+    else:
+        hmat = None
+    if PREFETCH >= 1:
+        x_next = _aq_load_step(X, 0, pid, NUM_PROGS, steps, NC, total, r, hr, M, K, stride_xm, BLOCK_M, CW, EVEN_K)
+    if PREFETCH >= 2:
+        x_next2 = _aq_load_step(X, 1, pid, NUM_PROGS, steps, NC, total, r, hr, M, K, stride_xm, BLOCK_M, CW, EVEN_K)
+    amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if STATIC:
+        scale = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(SSCALE).to(tl.float32)
+    else:
+        scale = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
+    rowsum = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for it in range(0, total):
+        # issue the next steps' loads before this step's math (PREFETCH = how many steps ahead; 0: the compiler's
+        # software pipeliner, num_stages, decides)
+        if PREFETCH == 0:
+            x = _aq_load_step(X, it, pid, NUM_PROGS, steps, NC, total, r, hr, M, K, stride_xm, BLOCK_M, CW, EVEN_K)
+        elif PREFETCH == 1:
+            x = x_next
+            x_next = _aq_load_step(X, it + 1, pid, NUM_PROGS, steps, NC, total, r, hr, M, K, stride_xm, BLOCK_M, CW,
+                                   EVEN_K)
+        else:
+            x = x_next
+            x_next = x_next2
+            x_next2 = _aq_load_step(X, it + 2, pid, NUM_PROGS, steps, NC, total, r, hr, M, K, stride_xm, BLOCK_M,
+                                    CW, EVEN_K)
+        s = it % steps
+        c = s % NC
+        rows = (pid + (it // steps) * NUM_PROGS) * BLOCK_M + r
+        rmask = rows < M
+        k0 = c * CW
+        if HAS_MULT:
+            if EVEN_K:
+                mv = tl.load(MULT + k0 + hr).to(tl.float32)
+            else:
+                mv = tl.load(MULT + k0 + hr, mask=k0 + hr < K, other=0.0).to(tl.float32)
+        else:
+            mv = None
+        y = _rotate_chunk(x, mv, hmat, inv_sqrt_h, PREC, HAS_MULT, HAS_HAD, DOT_F32)
+        if ONE_PASS:
+            if not STATIC:
+                scale = tl.maximum(tl.max(tl.abs(y), axis=1), 1e-12) / fmax
+            rowsum += _quant_store_rows(y, scale, Q, QSUM, rows, rmask, k0 + r * 0, K, stride_qm, stride_sm, qmax,
+                                        fmax, BLOCK_M, CW, IS_FP8, FP8_SOFT, SUM_G, ROW_SUM, PERM, EVEN_K)
+            if c == NC - 1:
+                tl.store(SCALE + rows, scale, mask=rmask)
+                if ROW_SUM:
+                    tl.store(QSUM + rows * stride_sm, rowsum, mask=rmask)
+                rowsum = tl.zeros([BLOCK_M], dtype=tl.int32)
+        else:
+            if s < NC:
+                amax = tl.maximum(amax, tl.max(tl.abs(y), axis=1))
+                if s == NC - 1:
+                    scale = tl.maximum(amax, 1e-12) / fmax
+                    amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+            else:
+                rowsum += _quant_store_rows(y, scale, Q, QSUM, rows, rmask, k0 + r * 0, K, stride_qm, stride_sm,
+                                            qmax, fmax, BLOCK_M, CW, IS_FP8, FP8_SOFT, SUM_G, ROW_SUM, PERM, EVEN_K)
+                if s == steps - 1:
+                    tl.store(SCALE + rows, scale, mask=rmask)
+                    if ROW_SUM:
+                        tl.store(QSUM + rows * stride_sm, rowsum, mask=rmask)
+                    rowsum = tl.zeros([BLOCK_M], dtype=tl.int32)
+
+
+@triton.jit
+def _aq_flat_kernel(X, MULT, HMAT, Q, SCALE, QSUM, SSCALE,
+                    M, K, stride_xm, stride_qm, stride_sm, inv_sqrt_h, qmax, fmax, NUM_PROGS,
+                    BB: tl.constexpr, CW: tl.constexpr, NB: tl.constexpr, T: tl.constexpr, TP: tl.constexpr,
+                    PREC: tl.constexpr, HAS_MULT: tl.constexpr, HAS_HAD: tl.constexpr,
+                    IS_FP8: tl.constexpr, FP8_SOFT: tl.constexpr, STATIC: tl.constexpr,
+                    SUM_G: tl.constexpr, ROW_SUM: tl.constexpr, DOT_F32: tl.constexpr, PERM: tl.constexpr,
+                    PREFETCH: tl.constexpr):
+    """One pass, nothing padded: x [M, K] seen as M * NB blocks of CW channels (NB = K / CW); a tile is T whole
+    tokens = T * NB <= BB block rows (K = 1152: 9 blocks, 7 tokens in 63 of 64 rows), so every token's rotated
+    row is in registers at once. The block rows are one tensor-core operand [BB, CW] x [CW, CW]; the per-token
+    abs-max and scale are reduced from the per-row maxima with a [TP, BB] selection. Persistent over tiles
+    (program p: tiles p, p + NUM_PROGS, ...), the next tile's load issued before this one's math (PREFETCH)."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(M, T)
+    r = tl.arange(0, BB)
+    c = tl.arange(0, CW)
+    tok_l = r // NB
+    cbase = (r % NB) * CW
+    rvalid = r < T * NB
+    tt = tl.arange(0, TP)
+    sel = tok_l[None, :] == tt[:, None]  # [TP, BB]: block row -> its token in the tile
+    if HAS_HAD:
+        hmat = tl.load(HMAT + c[:, None] * CW + c[None, :])
+    else:
+        hmat = None
+    if PREFETCH:
+        tok0 = pid * T + tok_l
+        x_next = tl.load(X + tok0[:, None] * stride_xm + cbase[:, None] + c[None, :],
+                         mask=(rvalid & (tok0 < M))[:, None], other=0.0)
+    for t in range(pid, n_tiles, NUM_PROGS):
+        tok = t * T + tok_l
+        valid = rvalid & (tok < M)
+        if PREFETCH:
+            x = x_next
+            tokn = (t + NUM_PROGS) * T + tok_l
+            x_next = tl.load(X + tokn[:, None] * stride_xm + cbase[:, None] + c[None, :],
+                             mask=(rvalid & (tokn < M))[:, None], other=0.0)
+        else:
+            x = tl.load(X + tok[:, None] * stride_xm + cbase[:, None] + c[None, :], mask=valid[:, None], other=0.0)
+        if HAS_MULT:
+            x = x.to(tl.float32) * tl.load(MULT + cbase[:, None] + c[None, :])
+        y, f = _rotate_raw(x, hmat, PREC, HAS_HAD, DOT_F32, BB)
+        f = f * inv_sqrt_h  # rotated row i = y[i, :] * f[i]
+        ttok = t * T + tt
+        tmask = (tt < T) & (ttok < M)
+        if STATIC:
+            ts = tl.zeros([TP], dtype=tl.float32) + tl.load(SSCALE).to(tl.float32)
+            rs = tl.zeros([BB], dtype=tl.float32) + tl.load(SSCALE).to(tl.float32)
+        else:
+            bmax = tl.max(tl.abs(y), axis=1) * f
+            tmax = tl.max(tl.where(sel, bmax[None, :], 0.0), axis=1)
+            ts = tl.maximum(tmax, 1e-12) / fmax
+            rs = tl.sum(tl.where(sel, ts[:, None], 0.0), axis=0)  # exactly one token per row: exact
+            rs = tl.where(rvalid, rs, 1.0)
+        part = _quant_store_rows(y, rs / f, Q, QSUM, tok, valid, cbase, K, stride_qm, stride_sm, qmax, fmax,
+                                 BB, CW, IS_FP8, FP8_SOFT, SUM_G, ROW_SUM, PERM, True, STATIC, HAS_HAD)
+        tl.store(SCALE + ttok, ts, mask=tmask)
+        if ROW_SUM:
+            tsum = tl.sum(tl.where(sel, part[None, :], 0), axis=1)
+            tl.store(QSUM + ttok * stride_sm, tsum, mask=tmask)
+
+
+@triton.jit
 def _act_quant_kernel(X, MULT, HMAT, Q, SCALE, QSUM, SSCALE,
                       M, K, stride_xm, stride_qm, stride_sm, inv_sqrt_h, qmax, fmax,
                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HD: tl.constexpr,
@@ -207,6 +512,7 @@ class Tuner:
         self.best = {}
         self.timings = {}
         self.force = None
+        self.inherit = {}
 
     def pick(self, key, candidates, launch):
         if self.force is not None:
@@ -236,11 +542,20 @@ class Tuner:
 last_errors = {}
 tuner = Tuner("act_quant")
 
-# Candidates: (BLOCK_M, BLOCK_K, num_warps); BLOCK_K = 0: the whole row padded to a power of two;
-# BLOCK_K = -1: the whole row as power-of-two pieces (no padding); otherwise chunks of BLOCK_K, two passes.
-_GPU_CANDIDATES = [(16, -1, 8), (8, -1, 8), (4, -1, 8), (4, -1, 4), (32, -1, 8), (2, -1, 4), (1, -1, 4),
-                   (4, 0, 4), (2, 0, 4), (8, 0, 8), (1, 0, 4), (2, 0, 8), (16, 128, 4), (8, 256, 4)]
-_INTERP_CANDIDATES = [(8, 64, 4), (4, 0, 4), (16, -1, 8), (4, -1, 4)]
+# Candidates: (kind, rows per program step, num_warps, programs per SM (0: one program per tile, no persistence),
+# CW (0: the default channels per block / chunk), PREFETCH, num_stages).
+#   "flat":  one pass over tiles of whole tokens (_aq_flat_kernel); rows = BB block rows of CW channels;
+#   "chunk": two passes over K per row block (_aq_chunk_kernel), for shapes the flat tiling does not fit.
+_GPU_FLAT = [("flat", 64, 4, 0, 0, 0, 1), ("flat", 64, 4, 2, 0, 1, 1), ("flat", 128, 8, 0, 0, 0, 1),
+             ("flat", 16, 4, 0, 0, 0, 1)]
+_INTERP_FLAT = [("flat", 64, 4, 0, 0, 0, 1), ("flat", 16, 4, 2, 0, 1, 1)]
+_GPU_CHUNK = [("chunk", 64, 4, 1, 0, 0, 3), ("chunk", 64, 4, 2, 0, 1, 1)]
+_INTERP_CHUNK = [("chunk", 16, 4, 2, 0, 1, 1), ("chunk", 32, 4, 1, 0, 2, 1), ("chunk", 16, 4, 3, 0, 0, 1)]
+# Legacy whole-row kernel (the previous winners): ("row", BLOCK_M, BLOCK_K, num_warps); BLOCK_K = 0: the whole row
+# padded to a power of two; -1: the whole row as power-of-two pieces; otherwise chunks of BLOCK_K, two passes.
+_GPU_ROW = [(4, 0, 4), (1, 0, 4)]
+_INTERP_ROW = [(8, 64, 4), (4, 0, 4), (16, -1, 8), (4, -1, 4)]
+_LEGACY_ENV = "VIDITQ_AQ_LEGACY"  # 1: the tuner also times the legacy whole-row kernel; only: nothing else
 
 
 def row_pieces(k: int):
@@ -249,13 +564,23 @@ def row_pieces(k: int):
     return tuple(p) if len(p) <= 4 else None
 
 
-def candidates(k: int, had_block: int, sum_group: int, row_sum: bool):
-    """Valid (BLOCK_M, BLOCK_K, num_warps) for this row shape; the first is the default."""
+def chunk_width(k: int, had_block: int, sum_group: int, row_sum: bool) -> int:
+    """Channels per chunk: a power of two, a multiple of the Hadamard block and of the sum group, <= 128 where
+    those allow (K = 1152 -> 128: nine chunks, nothing padded)."""
+    cw = max(16, min(128, _next_pow2(k)))
+    if had_block > 1:
+        cw = max(cw, had_block)
+    if sum_group and not row_sum:
+        cw = max(cw, sum_group)
+    return cw
+
+
+def _row_candidates(k, had_block, sum_group, row_sum):
     hd = max(had_block, 16) if had_block > 1 else 16
     full = max(_next_pow2(k), hd, 16)
     pieces = row_pieces(k)
     out = []
-    for bm, bk, nw in (_INTERP_CANDIDATES if INTERPRET else _GPU_CANDIDATES):
+    for bm, bk, nw in (_INTERP_ROW if INTERPRET else _GPU_ROW):
         if bk == -1:  # pieces
             if pieces is None or min(pieces) < max(hd, 16) or (had_block > 1 and bm * min(pieces) // hd < 16):
                 continue
@@ -263,7 +588,7 @@ def candidates(k: int, had_block: int, sum_group: int, row_sum: bool):
                 continue
             if bm * k > 2560 * nw:  # <= 80 fp32 of the row block per thread
                 continue
-            out.append((bm, -1, nw))
+            out.append(("row", bm, -1, nw))
             continue
         whole = bk == 0
         bk = full if whole else bk
@@ -275,28 +600,79 @@ def candidates(k: int, had_block: int, sum_group: int, row_sum: bool):
             continue
         if not whole and bk >= k:
             continue  # same as a whole-row candidate
-        c = (bm, bk, nw)
+        c = ("row", bm, bk, nw)
         if c not in out:
             out.append(c)
-    if not out:
-        bk = max(full, sum_group if (sum_group and not row_sum) else 1)
-        bm = _next_pow2(max(1, 16 * hd // bk)) if had_block > 1 else 1
-        out.append((bm, bk, 4))
+    return out
+
+
+def flat_block(k: int, had_block: int, sum_group: int, row_sum: bool) -> int:
+    """Channels per block row of the flat kernel (0: the flat tiling does not fit this K)."""
+    for cw in (128, max(16, had_block, sum_group if (sum_group and not row_sum) else 0)):
+        if cw >= max(had_block, 1) and (row_sum or not sum_group or cw % sum_group == 0) and k % cw == 0:
+            return cw
+    return 0
+
+
+def candidates(k: int, had_block: int, sum_group: int, row_sum: bool, m: int = 1 << 30, perm: int = 0):
+    """Valid launch candidates for this row shape (the first is the default under VIDITQ_TUNE=0)."""
+    legacy = os.environ.get(_LEGACY_ENV, "1" if not INTERPRET else "0")
+    out = []
+    if legacy != "only":
+        fcw = flat_block(k, had_block, sum_group, row_sum)
+        if fcw:
+            nb = k // fcw
+            for kind, bb, nw, occ, _, pf, st in (_INTERP_FLAT if INTERPRET else _GPU_FLAT):
+                if bb < nb or bb * fcw > 64 * 32 * nw:  # a token must fit; <= 64 fp32 of the tile per thread
+                    continue
+                if (bb // nb) * nb * 4 < bb * 3 and bb > 16 * nb:  # < 75 % of the rows used, and a smaller tile fits
+                    continue
+                c = (kind, bb, nw, occ, fcw, pf, st)
+                if c not in out:
+                    out.append(c)
+        cw = chunk_width(k, had_block, sum_group, row_sum)
+        for kind, bm, nw, occ, _, pf, st in (_INTERP_CHUNK if INTERPRET else _GPU_CHUNK):
+            if bm * cw > 64 * 32 * nw or bm > max(16, _next_pow2(m)):
+                continue
+            c = (kind, bm, nw, occ, cw, pf, st)
+            if c not in out:
+                out.append(c)
+        if not out:
+            out.append(("chunk", 16, 4, 4, cw, 1, 1))
+    if (legacy != "0" and perm != 2) or not out:
+        out += _row_candidates(k, had_block, sum_group, row_sum)
     return out
 
 
 @functools.lru_cache(maxsize=32)
-def _pm1_hadamard(hd: int, had_block: int, device_str: str) -> torch.Tensor:
-    """kron(I_{hd/had_block}, H_had_block) with ±1 entries, bf16 (exact), on the device."""
+def _pm1_hadamard(hd: int, had_block: int, device_str: str, dtype=torch.bfloat16) -> torch.Tensor:
+    """kron(I_{hd/had_block}, H_had_block) with ±1 entries (exact in bf16 / fp16), on the device."""
     h = torch.ones(1, 1)
     while h.shape[0] < had_block:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     full = torch.kron(torch.eye(hd // had_block), h)
-    return full.to(device=device_str, dtype=torch.bfloat16).contiguous()
+    return full.to(device=device_str, dtype=dtype).contiguous()
 
 
 last_kernel = None  # the last compiled kernel launched and its candidate (benchmark reports)
 last_config = None
+
+# Precision of the Hadamard product when the rotated values are not exactly representable in one 16-bit type
+# (a smoothing multiplier, or fp32 input): "exact" = bf16 hi + lo, two products (codes equal the fp32 reference's
+# except at rounding ties, ~1e-4 of them); "fast" = one fp16 product after a power-of-two prescale (11-bit
+# operands: a code moves by one where the fp32 value lies within ~0.03 of a rounding tie, ~1 % of codes).
+HAD_PREC_ENV = "VIDITQ_HAD_PREC"
+HAD_PREC_DEFAULT = "exact"
+
+
+def had_precision(x_dtype, has_mult: bool, prec=None) -> int:
+    """The kernel's PREC for this call: 0 one exact product, 1 fp16 fast, 2 bf16 hi/lo exact."""
+    if x_dtype in (torch.bfloat16, torch.float16) and not has_mult:
+        return 0
+    p = (prec or os.environ.get(HAD_PREC_ENV, "") or HAD_PREC_DEFAULT).strip().lower()
+    if p not in ("exact", "fast"):
+        raise ValueError(f"{HAD_PREC_ENV} must be 'exact' or 'fast', got {p!r}")
+    return 1 if p == "fast" else 2
 
 
 def supported(x: torch.Tensor, had_block: int, fmt: str, sum_group: int) -> bool:
@@ -313,17 +689,33 @@ def supported(x: torch.Tensor, had_block: int, fmt: str, sum_group: int) -> bool
     return k > 0
 
 
+def _num_sms(dev) -> int:
+    if INTERPRET or dev.type != "cuda":
+        return 1
+    return _sm_count(str(dev))
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_str: str) -> int:
+    return torch.cuda.get_device_properties(torch.device(device_str)).multi_processor_count
+
+
+PERM_MODES = {False: 0, None: 0, 0: 0, True: 1, 1: 1, "parity": 1, 2: 2, "perm32": 2}
+
+
 def quantize_activation(x, mult=None, had_block=0, fmt="int8", qmax=127, static_scale=None, sum_group=0,
-                        out=None, perm=False):
+                        out=None, perm=False, prec=None):
     """Triton twin of reference.quantize_activation; None when the combination has no kernel.
 
-    `out` may pass preallocated (q, scale, qsum) buffers. `perm=True` (int8 only, for the W4A8 GEMM) writes the
-    codes of each token parity-split: channels 0, 2, 4, ... in q[:, :K/2] and 1, 3, 5, ... in q[:, K/2:]
-    (scale and qsum are unchanged).
+    `out` may pass preallocated (q, scale, qsum) buffers. `perm` (int8 only, for the W4A8 GEMM) reorders each
+    token's codes: True / "parity": channels 0, 2, 4, ... in q[:, :K/2] and 1, 3, 5, ... in q[:, K/2:];
+    "perm32": within every 32 channels, the 16 even ones then the 16 odd ones (K % 32 == 0). Scale and qsum are
+    unchanged. `prec` ("exact" / "fast") overrides VIDITQ_HAD_PREC (see HAD_PREC_DEFAULT).
     """
     global last_kernel, last_config
     k = x.shape[-1]
-    if not supported(x, had_block, fmt, sum_group) or (perm and (fmt != "int8" or k % 2)):
+    perm = PERM_MODES[perm]
+    if not supported(x, had_block, fmt, sum_group) or (perm and (fmt != "int8" or k % (2 if perm == 1 else 32))):
         return None
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -339,36 +731,72 @@ def quantize_activation(x, mult=None, had_block=0, fmt="int8", qmax=127, static_
     if m == 0:
         return QuantizedActivation(q=q, scale=scale, qsum=qsum)
     has_had = had_block > 1
-    hd = max(had_block, 16) if has_had else 16
-    hmat = _pm1_hadamard(hd, had_block, str(dev)) if has_had else scale
     has_mult = mult is not None
     if has_mult and (mult.device != dev or not mult.is_contiguous() or mult.dim() != 1):
         mult = mult.reshape(-1).to(device=dev).contiguous()
-    split = x2.dtype != torch.bfloat16 or has_mult
+    pr = had_precision(x2.dtype, has_mult, prec) if has_had else 0
     sscale = static_scale.reshape(-1)[:1].to(device=dev, dtype=torch.float32) if static_scale is not None else scale
     fmax = FP8_E4M3_MAX if fmt == "fp8" else float(qmax)
     row_sum = bool(sum_group) and sum_group == k
-    flags = dict(HD=hd, HAS_MULT=has_mult, HAS_HAD=has_had, SPLIT=split, IS_FP8=fmt == "fp8",
-                 FP8_SOFT=INTERPRET, STATIC=static_scale is not None, SUM_G=int(sum_group), ROW_SUM=row_sum,
-                 DOT_F32=INTERPRET, PERM=bool(perm))
-    args = (x2, mult if has_mult else scale, hmat, q, scale, qsum if qsum is not None else scale, sscale,
-            m, k, x2.stride(0), q.stride(0), qsum.stride(0) if qsum is not None else 0,
-            1.0 / (had_block ** 0.5) if has_had else 1.0, float(qmax), fmax)
-
-    pieces = row_pieces(k) or ()
+    static = static_scale is not None
+    common = dict(HAS_MULT=has_mult, HAS_HAD=has_had, IS_FP8=fmt == "fp8", FP8_SOFT=INTERPRET, STATIC=static,
+                  SUM_G=int(sum_group), ROW_SUM=row_sum, DOT_F32=INTERPRET, PERM=perm)
+    inv_sqrt_h = 1.0 / (had_block ** 0.5) if has_had else 1.0
+    nsm = _num_sms(dev)
 
     def launch(c):
-        bm, bk, nw = c
+        if c[0] == "flat":
+            _, bb, nw, occ, cw, pf, st = c
+            hdt = {0: x2.dtype, 1: torch.float16, 2: torch.bfloat16}[pr]
+            hmat = _pm1_hadamard(cw, had_block, str(dev), hdt) if has_had else scale
+            nb = k // cw
+            t = bb // nb
+            ntiles = triton.cdiv(m, t)
+            progs = ntiles if occ == 0 else min(ntiles, 2 if INTERPRET else nsm * occ)
+            return _aq_flat_kernel[(progs,)](
+                x2, mult if has_mult else scale, hmat, q, scale, qsum if qsum is not None else scale, sscale,
+                m, k, x2.stride(0), q.stride(0), qsum.stride(0) if qsum is not None else 0, inv_sqrt_h,
+                float(qmax), fmax, progs, BB=bb, CW=cw, NB=nb, T=t, TP=_next_pow2(t), PREC=pr,
+                PREFETCH=bool(pf) and occ > 0, num_warps=nw, num_stages=st, **common)
+        if c[0] == "chunk":
+            _, bm, nw, occ, cw, pf, st = c
+            hdt = {0: x2.dtype, 1: torch.float16, 2: torch.bfloat16}[pr]
+            hmat = _pm1_hadamard(cw, had_block, str(dev), hdt) if has_had else scale
+            nblocks = triton.cdiv(m, bm)
+            progs = min(nblocks, 2 if INTERPRET else nsm * occ)
+            return _aq_chunk_kernel[(progs,)](
+                x2, mult if has_mult else scale, hmat, q, scale, qsum if qsum is not None else scale, sscale,
+                m, k, x2.stride(0), q.stride(0), qsum.stride(0) if qsum is not None else 0, inv_sqrt_h,
+                float(qmax), fmax, progs, BLOCK_M=bm, CW=cw, PREC=pr, ONE_PASS=static or k <= cw,
+                EVEN_K=k % cw == 0, PREFETCH=pf, num_warps=nw, num_stages=st, **common)
+        # legacy whole-row kernel
+        _, bm, bk, nw = c
+        hd = max(had_block, 16) if has_had else 16
+        hmat = _pm1_hadamard(hd, had_block, str(dev)) if has_had else scale
+        split = x2.dtype != torch.bfloat16 or has_mult
+        args = (x2, mult if has_mult else scale, hmat, q, scale, qsum if qsum is not None else scale, sscale,
+                m, k, x2.stride(0), q.stride(0), qsum.stride(0) if qsum is not None else 0, inv_sqrt_h,
+                float(qmax), fmax)
+        flags = dict(common, HD=hd, SPLIT=split)
         if bk == -1:
-            p = pieces + (0,) * (4 - len(pieces))
+            p = (row_pieces(k) or ()) + (0,) * 4
             return _act_quant_kernel[(triton.cdiv(m, bm),)](*args, BLOCK_M=bm, BLOCK_K=p[0], num_warps=nw,
                                                             ONE_CHUNK=True, P0=p[0], P1=p[1], P2=p[2], P3=p[3],
                                                             **flags)
+        bk = bk or max(_next_pow2(k), hd, 16)
         return _act_quant_kernel[(triton.cdiv(m, bm),)](*args, BLOCK_M=bm, BLOCK_K=bk, num_warps=nw,
                                                         ONE_CHUNK=bk >= k, **flags)
 
-    key = (k, m_bucket(m), x2.dtype, str(dev)) + tuple(flags.values())
-    c = tuner.pick(key, candidates(k, had_block, int(sum_group), row_sum), launch)
+    key = (k, m_bucket(m), x2.dtype, str(dev), had_block, pr, os.environ.get(_LEGACY_ENV, "")) + \
+        tuple(common.values())
+    cands = candidates(k, had_block, int(sum_group), row_sum, m, perm)
+    # the variants of one row shape (code order, code sums, no rotation) reuse the configuration timed for the
+    # first one tuned (their kernels differ only in the store), instead of compiling and timing every candidate
+    base = (k, m_bucket(m), x2.dtype, str(dev), fmt, pr if has_had else had_precision(x2.dtype, True, prec))
+    if key not in tuner.best and tuner.force is None and tuner.inherit.get(base) in cands:
+        tuner.best[key] = tuner.inherit[base]
+    c = tuner.pick(key, cands, launch)
+    tuner.inherit.setdefault(base, c)
     last_config = c
     last_kernel = launch(c)
     return QuantizedActivation(q=q, scale=scale, qsum=qsum)

@@ -5,8 +5,9 @@ attention(q, k, v, mode) with q [B, H, Nq, D], k / v [B, H, Nk, D] (any strides,
 a DiT's attention does next) is free. The oracle is kernels/reference_attention.attention_reference.
 
 Two launches:
-  1. `_kv_prep_kernel` (one program per block of BLOCK_N keys and head): K codes with one scale per block (fp8 or
-     int8, rows and head dim zero-padded), and for mode fp8 V codes with one scale per channel (scales from one
+  1. `_kv_prep_kernel` (one program per block of BLOCK_N keys and head): K minus its per-channel mean over the keys
+     (K smoothing: the softmax is invariant to it), as codes with one scale per block (fp8 or int8, rows and head
+     dim zero-padded), and for mode fp8 V codes with one scale per channel (scales from one
      torch amax over the tokens), stored transposed [D, Nk] so that P V reads V K-major (what fp8 wgmma needs).
   2. `_attn_fwd_kernel` (one program per BLOCK_M queries and head): Q is loaded once and quantized per token in
      registers; for every key block S = Q8 K8^T (fp32 / int32 accumulators), row factor q_scale * k_scale *
@@ -71,7 +72,7 @@ def _to_codes(v, IS_FP8: tl.constexpr, SOFT: tl.constexpr):
 
 
 @triton.jit
-def _kv_prep_kernel(K, V, VS, K8, KS, V8T,
+def _kv_prep_kernel(K, V, KM, VS, K8, KS, V8T,
                     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                     H, NK, NK_PAD, NBLK,
                     D: tl.constexpr, DQ_LO: tl.constexpr, DQ_HI: tl.constexpr, DV_LO: tl.constexpr,
@@ -86,11 +87,15 @@ def _kv_prep_kernel(K, V, VS, K8, KS, V8T,
     DQK: tl.constexpr = DQ_LO + DQ_HI
     kbase = K + b.to(tl.int64) * stride_kb + h * stride_kh + n[:, None].to(tl.int64) * stride_kn
     dl = tl.arange(0, DQ_LO)
+    # K smoothing: the per-channel mean over all keys is subtracted (q.(k - mu) = q.k - q.mu, the same for every
+    # key of a query row, so the softmax is unchanged) and takes the channels' common offset out of the codes
     k_lo = tl.load(kbase + dl[None, :], mask=nmask[:, None] & (dl < D)[None, :], other=0.0).to(tl.float32)
+    k_lo = tl.where(nmask[:, None], k_lo - tl.load(KM + bh * D + dl, mask=dl < D, other=0.0)[None, :], 0.0)
     amax = tl.max(tl.max(tl.abs(k_lo), axis=1), axis=0)
     if DQ_HI > 0:
         dh = DQ_LO + tl.arange(0, DQ_HI)
         k_hi = tl.load(kbase + dh[None, :], mask=nmask[:, None] & (dh < D)[None, :], other=0.0).to(tl.float32)
+        k_hi = tl.where(nmask[:, None], k_hi - tl.load(KM + bh * D + dh, mask=dh < D, other=0.0)[None, :], 0.0)
         amax = tl.maximum(amax, tl.max(tl.max(tl.abs(k_hi), axis=1), axis=0))
     if QK_FP8:
         ks = tl.maximum(amax, 1e-12) / 448.0
@@ -316,6 +321,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str = "fp
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
     dev = q.device
     out = torch.empty(b, nq, h, d, device=dev, dtype=q.dtype)
+    km = k.float().mean(dim=2).contiguous()  # [B, H, D]: K smoothing (see _kv_prep_kernel)
     if pv_fp8:  # one scale per channel over all keys
         vs = (v.abs().amax(dim=2).float().clamp_min(1e-12) / FP8_MAX).contiguous()  # [B, H, D]
     else:
@@ -343,7 +349,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str = "fp
         common = dict(D=d, DQ_LO=dq_lo, DQ_HI=dq_hi, DV_LO=dv_lo, DV_HI=dv_hi, BLOCK_N=bn, QK_FP8=qk_fp8,
                       PV_FP8=pv_fp8, SOFT=soft)
         _kv_prep_kernel[(nblk, b * h)](
-            k, v, vs, k8, ks, vt, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            k, v, km, vs, k8, ks, vt, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             h, nk, nk_pad, nblk, num_warps=4, **common)
         _attn_fwd_kernel[(triton.cdiv(nq, bm), b * h)](
             q, k_lo_d, k_hi_d, ks, v_lo_d, v_hi_d, vs, out, q.stride(0), q.stride(1), q.stride(2),

@@ -64,6 +64,28 @@ def _int4_halves(w):
 
 
 @triton.jit
+def _int4_halves_u(w):
+    """Packed bytes -> the raw nibbles (value + 8, in [0, 15]) as int8: two bitwise ops, no sign handling. The GEMM
+    then subtracts 8 * (per-token sum of the activation codes) once in its epilogue."""
+    return (w & 15).to(tl.int8), (w >> 4).to(tl.int8)
+
+
+@triton.jit
+def _w4_operand32(w, U4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Packed bytes [BLOCK_N, BLOCK_K/2] -> one [BLOCK_N, BLOCK_K] int8 operand whose channel order within each
+    32-channel block is: the 16 even channels, then the 16 odd ones ("perm32", the order the quantize kernel writes
+    activation codes in for this GEMM). With the low nibbles of bytes 16b..16b+15 being one 16-run and the high
+    nibbles the next, the join below lands each thread's bytes in the registers the wgmma operand layout wants."""
+    if U4:
+        lo, hi = _int4_halves_u(w)
+    else:
+        lo, hi = _int4_halves(w)
+    lo = tl.reshape(lo, [BLOCK_N, BLOCK_K // 32, 16])
+    hi = tl.reshape(hi, [BLOCK_N, BLOCK_K // 32, 16])
+    return tl.reshape(tl.permute(tl.join(lo, hi), [0, 1, 3, 2]), [BLOCK_N, BLOCK_K])
+
+
+@triton.jit
 def _i32_to_f32(acc, MAGIC: tl.constexpr):
     if MAGIC:  # |acc| < 2**22: integer add + float subtract instead of the slower I2F conversion
         return (acc + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
@@ -249,24 +271,194 @@ def _qgemm_tma_kernel(a_desc, b_desc, C, AS, WS, WZ, QS, BIAS, M, N, K, stride_c
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# W4A8 with the operands swapped ("swap" kinds): out^T[n, m] = W[n, :] . a[m, :]. The unpacked int4 weights are the
+# wgmma's A operand, fed from registers (RS wgmma), so they never go back to shared memory; the int8 activation
+# tiles (parity-split, see A_PERM) are the B operand, straight from TMA / cp.async shared-memory buffers.
+@triton.jit
+def _epilogue_values_t(acc_f, offs_n, offs_m, M, N, AS, WS, WZ, QS, BIAS, stride_qs,
+                       GROUP_K: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Transposed `_epilogue_values`: acc_f is [BLOCK_N, BLOCK_M] (weights' rows x tokens)."""
+    mmask = offs_m < M
+    nmask = offs_n < N
+    a_s = tl.load(AS + offs_m, mask=mmask, other=0.0)
+    if GROUP_K == 0:
+        w_s = tl.load(WS + offs_n, mask=nmask, other=0.0)
+        if HAS_ZERO:
+            qs = tl.load(QS + offs_m * stride_qs, mask=mmask, other=0).to(tl.float32)
+            z = tl.load(WZ + offs_n, mask=nmask, other=0.0).to(tl.float32)
+            acc_f = acc_f - z[:, None] * qs[None, :]
+        out = acc_f * (w_s[:, None] * a_s[None, :])
+    else:
+        out = acc_f * a_s[None, :]
+    if HAS_BIAS:
+        out = out + tl.load(BIAS + offs_n, mask=nmask, other=0.0).to(tl.float32)[:, None]
+    return out
+
+
+@triton.jit
+def _fold_group_t(acc_f, acc_i, g, offs_n, offs_m, M, N, WS, WZ, QS, stride_ws, stride_qs,
+                  HAS_ZERO: tl.constexpr, MAGIC: tl.constexpr, U4: tl.constexpr):
+    if U4:  # raw nibbles were multiplied: subtract 8 * this group's code sum of each token (exact, int32)
+        acc_i = acc_i - 8 * tl.load(QS + offs_m * stride_qs + g, mask=offs_m < M, other=0)[None, :]
+    f = _i32_to_f32(acc_i, MAGIC)
+    nmask = offs_n < N
+    ws = tl.load(WS + offs_n * stride_ws + g, mask=nmask, other=0.0)
+    if HAS_ZERO:
+        qs = tl.load(QS + offs_m * stride_qs + g, mask=offs_m < M, other=0).to(tl.float32)
+        z = tl.load(WZ + offs_n * stride_ws + g, mask=nmask, other=0.0).to(tl.float32)
+        f = f - z[:, None] * qs[None, :]
+    return acc_f + f * ws[:, None]
+
+
+@triton.jit
+def _w4_swap_kernel(A, B, C, AS, WS, WZ, QS, BIAS, M, N, K, stride_am, stride_bn, stride_cm, stride_ws, stride_qs,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                    GROUP_K: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, MAGIC: tl.constexpr,
+                    U4: tl.constexpr = False, MERGE: tl.constexpr = False):
+    """Pointer-load variant, one program per output tile; A parity-split (MERGE: perm32, one dot per K step),
+    K % BLOCK_K == 0, BLOCK_K == GROUP_K when group-wise."""
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    KH: tl.constexpr = BLOCK_K // 2
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    am = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
+    bn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
+    rkh = tl.arange(0, KH)
+    rk = tl.arange(0, BLOCK_K)
+    if MERGE:
+        a_ptrs = A + am[:, None] * stride_am + rk[None, :]
+    else:
+        a_ptrs = A + am[:, None] * stride_am + rkh[None, :]
+    b_ptrs = B + bn[:, None] * stride_bn + rkh[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+    acc_f = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for kt in range(0, K // BLOCK_K):
+        if MERGE:
+            wa = _w4_operand32(tl.load(b_ptrs), U4, BLOCK_N, BLOCK_K)
+            if GROUP_K == 0:
+                acc = tl.dot(wa, tl.trans(tl.load(a_ptrs)), acc, out_dtype=tl.int32)
+            else:
+                part = tl.dot(wa, tl.trans(tl.load(a_ptrs)), out_dtype=tl.int32)
+                acc_f = _fold_group_t(acc_f, part, kt, offs_n, offs_m, M, N, WS, WZ, QS, stride_ws, stride_qs,
+                                      HAS_ZERO, MAGIC, U4)
+            a_ptrs += BLOCK_K
+        else:
+            if U4:
+                lo, hi = _int4_halves_u(tl.load(b_ptrs))
+            else:
+                lo, hi = _int4_halves(tl.load(b_ptrs))
+            if GROUP_K == 0:
+                acc = tl.dot(lo, tl.trans(tl.load(a_ptrs)), acc, out_dtype=tl.int32)
+                acc = tl.dot(hi, tl.trans(tl.load(a_ptrs + K // 2)), acc, out_dtype=tl.int32)
+            else:
+                part = tl.dot(lo, tl.trans(tl.load(a_ptrs)), out_dtype=tl.int32)
+                part = tl.dot(hi, tl.trans(tl.load(a_ptrs + K // 2)), part, out_dtype=tl.int32)
+                acc_f = _fold_group_t(acc_f, part, kt, offs_n, offs_m, M, N, WS, WZ, QS, stride_ws, stride_qs,
+                                      HAS_ZERO, MAGIC, U4)
+            a_ptrs += KH
+        b_ptrs += KH
+    if GROUP_K == 0:
+        if U4:
+            acc = acc - 8 * tl.load(QS + offs_m * stride_qs, mask=offs_m < M, other=0)[None, :]
+        acc_f = acc.to(tl.float32)
+    out = _epilogue_values_t(acc_f, offs_n, offs_m, M, N, AS, WS, WZ, QS, BIAS, stride_qs, GROUP_K, HAS_ZERO,
+                             HAS_BIAS)
+    tl.store(C + offs_m[None, :] * stride_cm + offs_n[:, None], out.to(C.dtype.element_ty),
+             mask=(offs_m < M)[None, :] & (offs_n < N)[:, None])
+
+
+@triton.jit
+def _w4_swap_tma_kernel(a_desc, b_desc, C, AS, WS, WZ, QS, BIAS, M, N, K, stride_cm, stride_ws, stride_qs, NUM_PROGS,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                        GROUP_K: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, MAGIC: tl.constexpr,
+                        EPI_TMA: tl.constexpr, U4: tl.constexpr = False, MERGE: tl.constexpr = False):
+    """Persistent TMA variant: the (tile, k) loops flattened as in `_qgemm_tma_kernel`."""
+    start = tl.program_id(0)
+    KH: tl.constexpr = BLOCK_K // 2
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_tiles = K // BLOCK_K
+    my_tiles = tl.cdiv(num_tiles - start, NUM_PROGS)
+    tile = start - NUM_PROGS
+    ki = -1
+    pid_m = 0
+    pid_n = 0
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+    acc_f = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for _ in range(0, my_tiles * k_tiles):
+        ki = tl.where(ki == k_tiles - 1, 0, ki + 1)
+        if ki == 0:
+            tile += NUM_PROGS
+            pid_m, pid_n = _tile_ids(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        if MERGE:  # perm32 activations: one [BLOCK_M, BLOCK_K] tile, one dot per K step
+            wa = _w4_operand32(b_desc.load([pid_n * BLOCK_N, ki * KH]), U4, BLOCK_N, BLOCK_K)
+            a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
+            if GROUP_K == 0:
+                acc = tl.dot(wa, tl.trans(a), acc, out_dtype=tl.int32)
+            else:
+                part = tl.dot(wa, tl.trans(a), out_dtype=tl.int32)
+        else:  # parity-split activations: two dots per K step
+            if U4:
+                lo, hi = _int4_halves_u(b_desc.load([pid_n * BLOCK_N, ki * KH]))
+            else:
+                lo, hi = _int4_halves(b_desc.load([pid_n * BLOCK_N, ki * KH]))
+            a_e = a_desc.load([pid_m * BLOCK_M, ki * KH])
+            a_o = a_desc.load([pid_m * BLOCK_M, K // 2 + ki * KH])
+            if GROUP_K == 0:
+                acc = tl.dot(lo, tl.trans(a_e), acc, out_dtype=tl.int32)
+                acc = tl.dot(hi, tl.trans(a_o), acc, out_dtype=tl.int32)
+            else:
+                part = tl.dot(lo, tl.trans(a_e), out_dtype=tl.int32)
+                part = tl.dot(hi, tl.trans(a_o), part, out_dtype=tl.int32)
+        if GROUP_K != 0:
+            acc_f = _fold_group_t(acc_f, part, ki, pid_n * BLOCK_N + tl.arange(0, BLOCK_N),
+                                  pid_m * BLOCK_M + tl.arange(0, BLOCK_M), M, N, WS, WZ, QS, stride_ws, stride_qs,
+                                  HAS_ZERO, MAGIC, U4)
+        if ki == k_tiles - 1:
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            if GROUP_K == 0:
+                if U4:
+                    acc = acc - 8 * tl.load(QS + offs_m * stride_qs, mask=offs_m < M, other=0)[None, :]
+                out = _epilogue_values_t(acc.to(tl.float32), offs_n, offs_m, M, N, AS, WS, WZ, QS, BIAS, stride_qs,
+                                         GROUP_K, HAS_ZERO, HAS_BIAS)
+                acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+            else:
+                out = _epilogue_values_t(acc_f, offs_n, offs_m, M, N, AS, WS, WZ, QS, BIAS, stride_qs,
+                                         GROUP_K, HAS_ZERO, HAS_BIAS)
+                acc_f = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            if EPI_TMA:  # C is a descriptor over out [M, N]: store the tile transposed back
+                C.store([pid_m * BLOCK_M, pid_n * BLOCK_N], tl.trans(out).to(C.dtype))
+            else:
+                tl.store(C + offs_m[None, :] * stride_cm + offs_n[:, None], out.to(C.dtype.element_ty),
+                         mask=(offs_m < M)[None, :] & (offs_n < N)[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Candidates: (kind, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_stages, num_warps)
 _SMALL_M = [("ptr", 16, 64, 128, 1, 4, 4), ("ptr", 16, 128, 128, 1, 4, 4), ("ptr", 32, 64, 128, 1, 4, 4),
             ("ptr", 32, 128, 128, 4, 4, 4), ("ptr", 16, 64, 256, 1, 3, 4)]
 _MID_M = [("ptr", 64, 64, 128, 8, 4, 4), ("ptr", 64, 128, 128, 8, 4, 4), ("ptr", 128, 64, 128, 8, 4, 4),
           ("ptr", 128, 128, 128, 8, 4, 8), ("tma", 64, 128, 128, 8, 4, 4), ("tma", 128, 128, 128, 8, 4, 8),
           ("tma", 128, 64, 128, 8, 4, 4)]
-_LARGE_M = [("ptr", 128, 256, 128, 8, 3, 8), ("ptr", 256, 128, 128, 8, 3, 8), ("ptr", 128, 128, 128, 8, 4, 8),
-            ("ptr", 128, 128, 128, 8, 4, 4), ("ptr", 64, 128, 128, 8, 4, 4), ("ptr", 128, 128, 128, 8, 3, 4),
-            ("ptr", 128, 128, 64, 8, 4, 4),
-            ("tma", 128, 256, 128, 8, 3, 8), ("tma", 256, 128, 128, 8, 3, 8), ("tma", 128, 128, 128, 8, 4, 8),
-            ("tma", 128, 128, 128, 8, 4, 4),
-            ("tmas", 128, 256, 128, 8, 3, 8), ("tmas", 256, 128, 128, 8, 3, 8), ("tmas", 128, 128, 128, 8, 4, 8),
-            ("tmas", 128, 256, 64, 8, 4, 8),
-            # two programs per SM: one's epilogue / synchronous int8 wgmma wait overlaps the other's main loop
-            ("tma2", 128, 128, 128, 8, 3, 4), ("tma2", 128, 128, 64, 8, 4, 4), ("tmas2", 128, 128, 64, 8, 4, 4),
-            ("tma2", 64, 128, 128, 8, 4, 4)]
+_LARGE_M = [("tma2", 128, 128, 128, 8, 3, 4), ("tma2", 64, 128, 128, 8, 4, 4), ("ptr", 128, 128, 128, 8, 3, 4),
+            ("tmas", 128, 256, 128, 8, 3, 8), ("tma", 256, 128, 128, 8, 3, 8), ("ptr", 128, 256, 128, 8, 3, 8),
+            ("tmas2", 128, 128, 64, 8, 4, 4)]
+# (the configs that won somewhere in bench/results/linear_nvidia_h200.json of 2026-11; "tma2": two programs per SM,
+# one's epilogue / synchronous int8 wgmma wait overlaps the other's main loop)
 _INTERP = [("ptr", 32, 32, 64, 4, 1, 4), ("tma", 32, 32, 64, 4, 1, 4), ("ptr", 16, 64, 128, 1, 1, 4),
            ("tmas", 32, 32, 64, 4, 1, 4), ("tma2", 32, 32, 64, 4, 1, 4)]
+# W4A8 (int4 weights, parity-split activations). "swap*": operands swapped, BLOCK_M = tokens (the wgmma's N),
+# BLOCK_N = weight rows (its M); swapt = persistent TMA, swapts = + TMA store, trailing 2 = two programs per SM.
+_W4_SMALL_M = [("swap", 16, 128, 128, 1, 4, 4), ("swap", 32, 128, 128, 1, 4, 4), ("swap", 16, 64, 128, 1, 4, 4),
+               ("ptr", 16, 64, 128, 1, 4, 4)]
+_W4_MID_M = [("swap", 64, 128, 128, 8, 4, 4), ("swapt", 64, 128, 128, 8, 4, 4), ("swap", 32, 128, 128, 4, 4, 4),
+             ("swapt2", 128, 128, 128, 8, 3, 4), ("swapt", 128, 128, 128, 8, 3, 4), ("tma", 64, 128, 128, 8, 4, 4)]
+_W4_LARGE_M = [("swapts2", 128, 128, 128, 8, 3, 4), ("swapt", 256, 128, 128, 8, 3, 8), ("swapt2", 128, 128, 128, 8, 3, 4),
+               ("swap", 128, 128, 128, 8, 3, 4), ("swapt2", 128, 64, 128, 8, 4, 4),
+               # the best non-swapped ones measured before (staging the unpacked weights through shared memory)
+               ("tmas", 256, 128, 128, 8, 3, 8), ("tma2", 128, 128, 128, 8, 3, 4)]
+_W4_INTERP = [("swap", 32, 32, 64, 4, 1, 4), ("swapt", 32, 32, 64, 4, 1, 4), ("swapts", 32, 32, 64, 4, 1, 4),
+              ("swapt2", 16, 64, 64, 4, 1, 4), ("ptr", 32, 32, 64, 4, 1, 4)]
 
 tuner = Tuner("qgemm")
 last_kernel = None  # the last compiled kernel launched and its candidate (benchmark reports)
@@ -294,19 +486,35 @@ def tma_ok(device: torch.device) -> bool:
 
 def candidates(m: int, n: int, k: int, w_int4: bool, group_k: int, tma: bool, tma_store: bool = False,
                a_perm: bool = False):
+    w4 = w_int4 and bool(a_perm)
+    a_perm = int(a_perm)
     if INTERPRET:
-        base = list(_INTERP)
+        base = list(_W4_INTERP if w4 else _INTERP)
     elif m <= 32:
-        base = list(_SMALL_M)
+        base = list(_W4_SMALL_M if w4 else _SMALL_M)
     elif m <= 1024:
-        base = _SMALL_M[2:4] + _MID_M
+        base = list(_W4_MID_M) if w4 else _SMALL_M[2:4] + _MID_M
     else:
-        base = list(_LARGE_M)
-    kinds = os.environ.get(_KINDS_ENV, "ptr,tma,tmas,tma2,tmas2").split(",")
+        base = list(_W4_LARGE_M if w4 else _LARGE_M)
+    kinds = os.environ.get(_KINDS_ENV, "ptr,tma,tmas,tma2,tmas2,swap,swapt,swapts,swapt2,swapts2").split(",")
     out = []
     for c in base:
         kind, bm, bn, bk, gm, st, nw = c
-        if kind not in kinds or (kind != "ptr" and not tma) or (kind.startswith("tmas") and not tma_store):
+        tma_kind = kind.startswith("tma") or kind.startswith("swapt")
+        store_kind = kind.startswith("tmas") or kind.startswith("swapts")
+        if kind not in kinds or (tma_kind and not tma) or (store_kind and not tma_store):
+            continue
+        if a_perm == 2 and not kind.startswith("swap"):
+            continue  # the other kernels read parity-split codes only
+        if kind.startswith("swap"):
+            if not w4:
+                continue
+            if group_k:
+                bk = group_k  # one K block per group
+            c = (kind, bm, bn, bk, gm, st, nw)
+            if k % bk or (a_perm == 2 and bk % 32) or (group_k and bm * bn > 64 * 32 * nw) or c in out:
+                continue
+            out.append(c)
             continue
         if group_k and bm * bn > 64 * 32 * nw:  # two fp32/int32 accumulators must fit in registers
             continue
@@ -326,7 +534,7 @@ def candidates(m: int, n: int, k: int, w_int4: bool, group_k: int, tma: bool, tm
         bk = min(64, group_k) if group_k else 64
         if a_perm:
             bk = 32 if k % 64 else 64
-        out.append(("ptr", 32, 32, bk, 4, 2, 4))
+        out.append(("swap" if a_perm == 2 else "ptr", 32, 32, bk, 4, 2, 4))
     return out
 
 
@@ -366,10 +574,14 @@ def supported(a_fmt: str, w) -> bool:
 def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False):
     """Triton twin of reference.quantized_matmul(a, w, bias, out_dtype); None when no kernel fits.
 
-    a_perm=True: `a.q` holds the codes parity-split (triton_act_quant.quantize_activation(perm=True)); int4 only.
+    a_perm: int4 only; the layout `a.q` holds the codes in (triton_act_quant.quantize_activation(perm=...)):
+    True / "parity" (parity-split halves) or "perm32" (16 even then 16 odd channels per 32; one dot per K step).
+    int4 weights with a_perm and per-token code sums in `a.qsum` (per weight group, or per token for per-channel
+    weights) let the swapped kernels multiply the raw nibbles and subtract 8 * qsum once (see _int4_halves_u).
     """
     global last_kernel, last_config
     a_fmt = "fp8" if a.q.dtype == torch.float8_e4m3fn else "int8"
+    perm_mode = {False: 0, None: 0, 0: 0, True: 1, 1: 1, "parity": 1, 2: 2, "perm32": 2}[a_perm]
     if not supported(a_fmt, w):
         return None
     q = a.q if a.q.stride(-1) == 1 else a.q.contiguous()
@@ -381,7 +593,9 @@ def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False):
     has_zero = w.zero is not None
     if has_zero and a.qsum is None:
         return None
-    if a_perm and (w.fmt != "int4" or k % 32):
+    n_groups = k // group_k if group_k else 1
+    u4 = w.fmt == "int4" and perm_mode > 0 and a.qsum is not None and tuple(a.qsum.shape) == (m, n_groups)
+    if perm_mode and (w.fmt != "int4" or k % (32 if perm_mode == 1 else 64)):
         return None
     dev = q.device
     c = out if out is not None else torch.empty((m, n), device=dev, dtype=out_dtype)
@@ -390,8 +604,8 @@ def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False):
     wd = w.data if w.data.is_contiguous() else w.data.contiguous()
     ws = w.scale.float().contiguous()
     wz = w.zero.float().contiguous() if has_zero else ws
-    qs = a.qsum if has_zero else a.scale
-    stride_qs = qs.stride(0) if has_zero else 0
+    qs = a.qsum if (has_zero or u4) else a.scale
+    stride_qs = qs.stride(0) if (has_zero or u4) else 0
     stride_ws = ws.stride(0) if group_k else 0
     bias_t = bias.contiguous() if bias is not None else a.scale
     w_int4 = w.fmt == "int4"
@@ -403,7 +617,7 @@ def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False):
     bound = 127 * (8 if w_int4 else 128) * max(group_k, 1)
     magic = bool(group_k) and bound < (1 << 22)
     flags = dict(W_INT4=w_int4, IS_FP8=is_fp8, GROUP_K=group_k, HAS_ZERO=has_zero, HAS_BIAS=bias is not None,
-                 MAGIC=magic, A_PERM=bool(a_perm))
+                 MAGIC=magic, A_PERM=perm_mode == 1)
     tma = tma_ok(dev) and q.data_ptr() % 16 == 0 and wd.data_ptr() % 16 == 0 and k % 16 == 0 and \
         (wd.shape[1] * wd.element_size()) % 16 == 0
     tma_store = tma and c.data_ptr() % 16 == 0 and (c.stride(0) * c.element_size()) % 16 == 0 and c.stride(1) == 1
@@ -411,6 +625,25 @@ def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False):
 
     def launch(cfg):
         kind, bm, bn, bk, gm, st, nw = cfg
+        if kind.startswith("swap"):
+            sflags = dict(GROUP_K=group_k, HAS_ZERO=has_zero, HAS_BIAS=bias is not None, MAGIC=magic, U4=u4,
+                          MERGE=perm_mode == 2)
+            if kind == "swap":
+                grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+                return _w4_swap_kernel[grid](
+                    q, wd, c, a.scale, ws, wz, qs, bias_t, m, n, k, q.stride(0), wd.stride(0), c.stride(0),
+                    stride_ws, stride_qs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_stages=st,
+                    num_warps=nw, **sflags)
+            a_desc = TensorDescriptor(q, [m, k], [q.stride(0), 1], [bm, bk if perm_mode == 2 else bk // 2])
+            b_desc = _weight_desc(wd, n, bn, bk // 2)
+            epi_tma = kind.startswith("swapts")
+            c_arg = TensorDescriptor(c, [m, n], [c.stride(0), 1], [bm, bn]) if epi_tma else c
+            tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+            progs = min(nsm * (2 if kind.endswith("2") else 1), tiles)
+            return _w4_swap_tma_kernel[(progs,)](
+                a_desc, b_desc, c_arg, a.scale, ws, wz, qs, bias_t, m, n, k, c.stride(0), stride_ws, stride_qs,
+                progs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, EPI_TMA=epi_tma, num_stages=st,
+                num_warps=nw, **sflags)
         if kind == "ptr":
             grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
             return _qgemm_kernel[grid](
@@ -418,7 +651,7 @@ def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False):
                 stride_ws, stride_qs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, EVEN_K=k % bk == 0,
                 num_stages=st, num_warps=nw, **flags)
         kb = bk // 2 if w_int4 else bk
-        a_desc = TensorDescriptor(q, [m, k], [q.stride(0), 1], [bm, kb if a_perm else bk])
+        a_desc = TensorDescriptor(q, [m, k], [q.stride(0), 1], [bm, kb if perm_mode == 1 else bk])
         b_desc = _weight_desc(wd, n, bn, kb)
         epi_tma = kind.startswith("tmas")
         c_arg = TensorDescriptor(c, [m, n], [c.stride(0), 1], [bm, bn]) if epi_tma else c
@@ -428,9 +661,9 @@ def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False):
             a_desc, b_desc, c_arg, a.scale, ws, wz, qs, bias_t, m, n, k, c.stride(0), stride_ws, stride_qs, progs,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, EPI_TMA=epi_tma, num_stages=st, num_warps=nw, **flags)
 
-    key = (m_bucket(m), n, k, str(dev), out_dtype, bias_t.dtype, tma, tma_store, os.environ.get(_KINDS_ENV, "")) + \
-        tuple(flags.values())
-    cfg = tuner.pick(key, candidates(m, n, k, w_int4, group_k, tma, tma_store, bool(a_perm)), launch)
+    key = (m_bucket(m), n, k, str(dev), out_dtype, bias_t.dtype, tma, tma_store, os.environ.get(_KINDS_ENV, ""),
+           u4, perm_mode) + tuple(flags.values())
+    cfg = tuner.pick(key, candidates(m, n, k, w_int4, group_k, tma, tma_store, perm_mode), launch)
     last_config = cfg
     last_kernel = launch(cfg)
     return c

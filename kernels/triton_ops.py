@@ -66,6 +66,8 @@ def _measured_table(gpu_name: str):
             # what the layer runs: activation quantize + GEMM, for w4a8 the per-channel weights
             if r.get("mode") != "act_quant+gemm" or r.get("weight", "per_channel") != "per_channel":
                 continue
+            if r.get("had_prec", _aq.HAD_PREC_DEFAULT) != _aq.HAD_PREC_DEFAULT:
+                continue
             if r.get("speedup_vs_bf16") is not None:
                 table[(r["M"], r["K"], r["N"], r["variant"])] = (r["speedup_vs_bf16"], r.get("speedup_graph_vs_bf16"))
     return table
@@ -131,17 +133,59 @@ def quant_linear(x, w, bias, mult=None, had_block=0, act_fmt="int8", act_qmax=12
         _note_once(f"no activation-quantize kernel for K={k} had_block={had_block} sum_group={sum_group}; "
                    f"using the torch reference")
         return None
-    # int4 weights: the quantize kernel writes the codes parity-split so that the GEMM needs no nibble interleave
-    perm = w.fmt == "int4" and k % 64 == 0 and os.environ.get("VIDITQ_W4_PERM", "1") != "0"
+    # int4 weights: the quantize kernel writes the codes in the channel order the W4A8 GEMM reads without a nibble
+    # interleave ("parity": even channels then odd ones; "perm32": the same within every 32 channels, one dot per K
+    # step), and the per-token (per-group) code sums, so that the swapped W4A8 kernels multiply raw nibbles and
+    # correct once in the epilogue (two bitwise ops per four weights instead of a sign fix per weight)
+    perm = False
+    sg = sum_group
+    if w.fmt == "int4" and k % 64 == 0 and os.environ.get("VIDITQ_W4_PERM", "1") != "0":
+        perm = "parity"
+        if not sg and os.environ.get("VIDITQ_W4_U4", "1") != "0":
+            sg = w.group_size or k
+
+    def run_with(layout):
+        a = _aq.quantize_activation(x2, mult, had_block, act_fmt, act_qmax, static_scale, sg, perm=layout)
+        return _gemm.quantized_matmul(a, w, bias, x.dtype, a_perm=layout)
+
+    if perm:
+        perm = _w4_layout(x2, w, k, run_with)
 
     def run():
-        a = _aq.quantize_activation(x2, mult, had_block, act_fmt, act_qmax, static_scale, sum_group, perm=perm)
-        return _gemm.quantized_matmul(a, w, bias, x.dtype, a_perm=perm)
+        return run_with(perm)
 
     y = run()
     if y is not None and x2.is_cuda and not _aq.INTERPRET:
         _check_speed(x2, w, x2.shape[0], k, w.out_features, act_fmt, run)
     return y
+
+
+_w4_layouts = {}
+
+
+def _w4_layout(x2, w, k, run_with):
+    """Activation channel order for a W4A8 layer: VIDITQ_W4_LAYOUT=parity|perm32, or (default) both timed once per
+    shape bucket on the GPU (each with its own tuned kernels), the faster kept. The interpreter takes perm32."""
+    env = os.environ.get("VIDITQ_W4_LAYOUT", "auto").strip().lower()
+    if env in ("parity", "perm32"):
+        return env
+    if _aq.INTERPRET or not x2.is_cuda or os.environ.get("VIDITQ_TUNE", "1") in ("0", ""):
+        return "perm32"
+    key = (_aq.m_bucket(x2.shape[0]), k, w.out_features, w.group_size, w.zero is not None, x2.dtype)
+    if key not in _w4_layouts:
+        import triton
+
+        times = {}
+        for layout in ("perm32", "parity"):
+            try:
+                run_with(layout)  # tunes that path's kernels
+                times[layout] = triton.testing.do_bench(lambda: run_with(layout), warmup=5, rep=20,
+                                                        return_mode="median")
+            except Exception as e:  # a layout whose kernels cannot run here
+                times[layout] = float("inf")
+                _note_once(f"W4A8 {layout} path failed: {e!r}"[:300])
+        _w4_layouts[key] = min(times, key=times.get)
+    return _w4_layouts[key]
 
 
 def quantized_matmul(a, w, bias, out_dtype):

@@ -3,18 +3,21 @@
 One launch reads x[M, K] (fp16 / bf16 / fp32) and writes q[M, K] (int8 or float8_e4m3fn), scale[M] (fp32) and,
 when asked, per-group sums of q (int32). The oracle is `reference.quantize_activation`.
 
-How it works (one program = BLOCK_M tokens):
-  * the row is walked in chunks of BLOCK_K channels (a power of two, multiple of the Hadamard block);
-    BLOCK_K >= K means the whole row sits in registers and is read once ("one chunk");
-    otherwise pass 1 finds the rotated row's abs-max and pass 2 re-reads the same rows (an L1/L2 hit)
-    and quantizes;
-  * the block-diagonal Hadamard is one tensor-core product per chunk: the chunk [BLOCK_M, BLOCK_K] is viewed
-    as [BLOCK_M*BLOCK_K/HD, HD] and multiplied by a ±1 matrix of size HD = max(had_block, 16)
-    (kron(I, H_had_block), exact in bf16); fp32 inputs are split into two bf16 parts (hi + lo), which keeps
-    ~16 mantissa bits, far finer than one int8 step;
-  * rounding is round-half-even (the reference's torch.round) through the 1.5*2^23 trick;
-  * fp8: the clamp to ±448 then the hardware's round-to-nearest-even conversion; under the CPU interpreter
-    (whose fp32->fp8 conversion truncates) the value is first rounded to the e4m3 grid explicitly.
+Kernels (the tuner times the candidates of all three once per row shape on the GPU and keeps the fastest):
+  * `_aq_flat_kernel` (usually fastest): x [M, K] seen as M * K/CW blocks of CW = 128 channels; a tile holds T
+    whole tokens (K = 1152: 7 tokens = 63 of 64 block rows), so the Hadamard is one tensor-core product
+    [BB, CW] x [CW, CW] per tile with nothing padded, every token's rotated row is in registers once (one pass over
+    x), and the per-token abs-max is reduced from the per-row maxima; persistent with the next tile's load issued
+    before the current products;
+  * `_aq_chunk_kernel`: row blocks walked in chunks of CW channels, two passes (abs-max, then re-read from L2 and
+    quantize), persistent with prefetch; for shapes the flat tiling does not fit;
+  * `_act_quant_kernel` (legacy): the whole row padded to a power of two (or power-of-two pieces) in registers.
+Numerics: the block-diagonal Hadamard is a +-1 matrix product (exact) scaled by 1/sqrt(had) per row; when the values
+are not exact in one 16-bit type (smoothing multiplier, fp32 input) HAD_PREC selects bf16 hi + lo (two products,
+"exact": codes equal the fp32 reference's except at rounding ties) or one fp16 product after a power-of-two
+prescale per row ("fast"); rounding is round-half-even (the reference's torch.round) through the 1.5*2^23 trick;
+fp8: the hardware's round-to-nearest-even conversion (under the CPU interpreter, whose fp32->fp8 conversion
+truncates, the value is first rounded to the e4m3 grid explicitly).
 """
 import functools
 import os

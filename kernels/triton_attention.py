@@ -321,9 +321,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str = "fp
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
     dev = q.device
     out = torch.empty(b, nq, h, d, device=dev, dtype=q.dtype)
-    km = k.float().mean(dim=2).contiguous()  # [B, H, D]: K smoothing (see _kv_prep_kernel)
-    if pv_fp8:  # one scale per channel over all keys
-        vs = (v.abs().amax(dim=2).float().clamp_min(1e-12) / FP8_MAX).contiguous()  # [B, H, D]
+    km = torch.mean(k, dim=2, dtype=torch.float32).contiguous()  # [B, H, D]: K smoothing (see _kv_prep_kernel)
+    if pv_fp8:  # one scale per channel over all keys (one reduction, no |v| copy)
+        vs = torch.linalg.vector_norm(v, ord=float("inf"), dim=2, dtype=torch.float32)
+        vs = (vs.clamp_min(1e-12) / FP8_MAX).contiguous()  # [B, H, D]
     else:
         vs = out  # unused
     code_dtype = torch.float8_e4m3fn if qk_fp8 else torch.int8

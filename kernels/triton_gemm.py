@@ -14,7 +14,11 @@ Two kernels:
   * `_qgemm_tma_kernel`: persistent (one program per SM walks tiles), tiles fetched by the TMA engine through
     tensor descriptors, the K loops of consecutive tiles flattened into one pipelined loop so the next tile's
     loads overlap this tile's epilogue. Hopper and newer.
-The dispatcher (triton_ops) times the candidates of both once per shape on the GPU and keeps the fastest.
+  * `_w4_swap_kernel` / `_w4_swap_tma_kernel` (W4A8): operands swapped (out^T = W . a^T), so the int4 weights,
+    unpacked in registers, are the wgmma's register operand and never go back to shared memory; with the tokens'
+    code sums they multiply the raw nibbles (value + 8: two bitwise ops per four weights) and subtract 8 * qsum in
+    the epilogue; on "perm32" activation codes one dot covers a whole K step.
+The dispatcher (triton_ops) times the candidates once per shape on the GPU and keeps the fastest.
 """
 import functools
 import os
@@ -453,12 +457,13 @@ _W4_SMALL_M = [("swap", 16, 128, 128, 1, 4, 4), ("swap", 32, 128, 128, 1, 4, 4),
                ("ptr", 16, 64, 128, 1, 4, 4)]
 _W4_MID_M = [("swap", 64, 128, 128, 8, 4, 4), ("swapt", 64, 128, 128, 8, 4, 4), ("swap", 32, 128, 128, 4, 4, 4),
              ("swapt2", 128, 128, 128, 8, 3, 4), ("swapt", 128, 128, 128, 8, 3, 4), ("tma", 64, 128, 128, 8, 4, 4)]
-_W4_LARGE_M = [("swapts2", 128, 128, 128, 8, 3, 4), ("swapt", 256, 128, 128, 8, 3, 8), ("swapt2", 128, 128, 128, 8, 3, 4),
+_W4_LARGE_M = [("swapts2", 128, 128, 128, 8, 3, 4), ("swapt", 256, 128, 128, 8, 3, 8),
+               ("swapt2", 128, 128, 128, 8, 3, 4),
                ("swap", 128, 128, 128, 8, 3, 4), ("swapt2", 128, 64, 128, 8, 4, 4),
                # the best non-swapped ones measured before (staging the unpacked weights through shared memory)
                ("tmas", 256, 128, 128, 8, 3, 8), ("tma2", 128, 128, 128, 8, 3, 4)]
 _W4_INTERP = [("swap", 32, 32, 64, 4, 1, 4), ("swapt", 32, 32, 64, 4, 1, 4), ("swapts", 32, 32, 64, 4, 1, 4),
-              ("swapt2", 16, 64, 64, 4, 1, 4), ("ptr", 32, 32, 64, 4, 1, 4)]
+              ("swapt2", 16, 64, 64, 4, 1, 4), ("ptr", 32, 32, 64, 4, 1, 4), ("tma", 32, 32, 64, 4, 1, 4)]
 
 tuner = Tuner("qgemm")
 last_kernel = None  # the last compiled kernel launched and its candidate (benchmark reports)

@@ -1,12 +1,16 @@
 """Triton kernels vs the torch reference, on the CPU through TRITON_INTERPRET=1 (set by conftest.py).
 
-Every kernel: the fused activation quantize (both its chunked two-pass and whole-row modes), the pointer GEMM and
-the persistent TMA-descriptor GEMM, for int8 / int4 (per channel, group 64/128) / fp8 weights, symmetric and
-asymmetric, fp16 / bf16 / fp32 in and out, odd sizes, extreme tokens, outputs poisoned before each run.
+Every kernel: the fused activation quantize (the one-pass flat kernel, plain and persistent with prefetch; the
+two-pass chunk kernel; the legacy whole-row kernel), both Hadamard precisions, every code order (natural, parity,
+perm32) with code sums; the pointer and persistent TMA GEMMs for int8 / int4 (per channel, group 64/128) / fp8
+weights, symmetric and asymmetric, and the swapped W4A8 GEMMs (signed and raw-nibble, parity and perm32); fp16 /
+bf16 / fp32 in and out, odd sizes (M = 1, 7, 129), extreme tokens (one 1000x the rest, one all zero), outputs
+poisoned before each run.
 
 What the interpreter cannot show (checked on the GPU by bench/bench_linear.py instead): the bf16 hi/lo split of
-the Hadamard product (the interpreter's bf16 dot is broken, so the kernel uses an fp32 dot there), the hardware
-fp8 conversion (the interpreter's truncates, so the kernel rounds to the e4m3 grid itself there), speed.
+the Hadamard product (the interpreter's bf16 dot is broken, so the kernel uses an fp32 dot there; the fp16 fast
+path is emulated by rounding to fp16 then an fp32 dot), the hardware fp8 conversion (the interpreter's truncates,
+so the kernel rounds to the e4m3 grid itself there), speed.
 """
 import pytest
 import torch
@@ -69,19 +73,23 @@ def _poisoned(m, k, fmt, sum_group):
     return q, scale, qsum
 
 
-def _run_aq(x, mult, had, fmt, qmax, static, sg, mode):
-    """Run the kernel in `mode` ('chunked' or 'row') into poisoned buffers."""
+def _pick(k, had, sg, m, mode, perm=0):
+    cands = taq.candidates(k, had, sg, bool(sg) and sg == k, m, perm)
+    by = {"flat": [c for c in cands if c[0] == "flat" and not c[5]],
+          "flat_pf": [c for c in cands if c[0] == "flat" and c[5]],
+          "chunk": [c for c in cands if c[0] == "chunk"],
+          "row": [c for c in cands if c[0] == "row"]}
+    return (by[mode] or by["chunk"])[0]
+
+
+def _run_aq(x, mult, had, fmt, qmax, static, sg, mode, prec=None, perm=False):
+    """Run the kernel in `mode` ('flat', 'flat_pf', 'chunk', 'row') into poisoned buffers."""
     k = x.shape[-1]
     m = x.reshape(-1, k).shape[0]
-    cands = taq.candidates(k, had, sg, bool(sg) and sg == k)
-    pieces = [c for c in cands if c[1] == -1]
-    whole = [c for c in cands if c[1] >= k]
-    chunked = [c for c in cands if 0 < c[1] < k]
-    pick = {"chunked": chunked or whole, "row": whole or chunked, "pieces": pieces or whole}[mode][0]
     bufs = _poisoned(m, k, fmt, sg)
-    taq.tuner.force = pick
+    taq.tuner.force = _pick(k, had, sg, m, mode, taq.PERM_MODES[perm])
     try:
-        a = taq.quantize_activation(x, mult, had, fmt, qmax, static, sg, out=bufs)
+        a = taq.quantize_activation(x, mult, had, fmt, qmax, static, sg, out=bufs, prec=prec, perm=perm)
     finally:
         taq.tuner.force = None
     assert a is not None
@@ -132,7 +140,7 @@ AQ_CASES = [
 ]
 
 
-@pytest.mark.parametrize("mode", ["chunked", "row", "pieces"])
+@pytest.mark.parametrize("mode", ["flat", "flat_pf", "chunk"])
 @pytest.mark.parametrize("case", AQ_CASES, ids=lambda c: f"M{c[0]}K{c[1]}-{str(c[2])[6:]}-h{c[3]}-q{c[6]}-s{c[8]}")
 def test_act_quant_int8(case, mode):
     m, k, dt, had, use_mult, fmt, qmax, static, sg = case
@@ -144,8 +152,19 @@ def test_act_quant_int8(case, mode):
     _check_aq(a, r, fmt, had, exact=had <= 1)
 
 
+@pytest.mark.parametrize("case", [AQ_CASES[1], AQ_CASES[4], AQ_CASES[7]], ids=["h64", "h128-s128", "rowsum"])
+def test_act_quant_legacy_row_kernel(case, monkeypatch):
+    """The previous whole-row kernel, still a tuner candidate on the GPU."""
+    monkeypatch.setenv(taq._LEGACY_ENV, "1")
+    m, k, dt, had, use_mult, fmt, qmax, static, sg = case
+    x = make_x(m, k, dt, seed=k)
+    mult = torch.rand(k) + 0.5 if use_mult else None
+    a = _run_aq(x, mult, had, fmt, qmax, None, sg, "row")
+    _check_aq(a, reference.quantize_activation(x, mult, had, fmt, qmax, None, sg), fmt, had, exact=had <= 1)
+
+
 @fp8_only
-@pytest.mark.parametrize("mode", ["chunked", "row"])
+@pytest.mark.parametrize("mode", ["flat", "chunk"])
 @pytest.mark.parametrize("m,k,dt,had,use_mult,static", [
     (7, 192, torch.bfloat16, 0, False, False), (129, 192, torch.float16, 64, True, False),
     (1, 1152, torch.float32, 128, True, False), (7, 192, torch.bfloat16, 0, True, True)])
@@ -156,6 +175,67 @@ def test_act_quant_fp8(m, k, dt, had, use_mult, static, mode):
     a = _run_aq(x, mult, had, "fp8", 127, ss, 0, mode)
     r = reference.quantize_activation(x, mult, had, "fp8", 127, ss, 0)
     _check_aq(a, r, "fp8", had, exact=had <= 1)
+
+
+@pytest.mark.parametrize("mode", ["flat", "flat_pf", "chunk"])
+@pytest.mark.parametrize("m,k,dt,had", [(129, 1152, torch.bfloat16, 128), (7, 192, torch.float32, 64),
+                                        (33, 256, torch.float16, 16)])
+def test_act_quant_fast_precision(m, k, dt, had, mode):
+    """prec="fast" (one fp16 product after a power-of-two prescale): the scale is the rotated abs-max to ~1e-3, and a
+    code may differ from the fp32 reference's only where the reference value, on the kernel's own scale, lies
+    within 0.05 of a rounding tie (a wrong rotation, scale or rounding moves codes everywhere)."""
+    x = make_x(m, k, dt, seed=11)
+    mult = torch.rand(k) + 0.5
+    a = _run_aq(x, mult, had, "int8", 127, None, 0, mode, prec="fast")
+    r = reference.quantize_activation(x, mult, had, "int8", 127, None, 0)
+    assert torch.isfinite(a.scale).all() and (a.q != -128).all()
+    torch.testing.assert_close(a.scale, r.scale, rtol=1e-3, atol=0)
+    y = reference.block_hadamard(x.float() * mult, had)  # the fp32 rotated values
+    v = y / a.scale[:, None]
+    dist_to_tie = ((v - v.floor()) - 0.5).abs()
+    diff = a.q.int() != torch.round(v).clamp(-127, 127).int()
+    assert (a.q.int() - torch.round(v).clamp(-127, 127).int()).abs().max().item() <= 1
+    assert diff.float().mean().item() < 0.03
+    assert (dist_to_tie[diff] < 0.05).all(), "a code moved away from a rounding tie"
+    # (1e-4 scale differences and the near-tie moves together: a few 1e-3 of the dequantized values at most)
+    assert rel_err(reference.dequantize_activation(a), reference.dequantize_activation(r)) < 6e-3
+
+
+@pytest.mark.parametrize("mode", ["flat", "chunk"])
+@pytest.mark.parametrize("perm", ["parity", "perm32"])
+@pytest.mark.parametrize("m,k,had,sg", [(7, 256, 64, 256), (129, 1152, 128, 128), (1, 192, 0, 64)])
+def test_act_quant_code_orders(m, k, had, sg, perm, mode):
+    """The W4A8 layer's code orders, with the code sums the raw-nibble GEMMs use."""
+    x = make_x(m, k, torch.bfloat16, seed=k + m)
+    mult = torch.rand(k) + 0.5
+    a = _run_aq(x, mult, had, "int8", 127, None, sg, mode, perm=perm)
+    r = reference.quantize_activation(x, mult, had, "int8", 127, None, sg)
+    rq = _perm_codes(r.q, perm)
+    assert (a.q != -128).all(), "codes not fully written"
+    dq = (a.q.int() - rq.int()).abs()
+    assert dq.max().item() <= (0 if had <= 1 else 1) and (dq > 0).float().mean().item() < 5e-3
+    torch.testing.assert_close(a.scale, r.scale, rtol=2e-6, atol=0)
+    assert (a.qsum != -2 ** 31).all(), "qsum not fully written"
+    qn = _unperm_codes(a.q, perm).int()  # the sums are over natural channel groups
+    torch.testing.assert_close(a.qsum, qn.reshape(m, k // sg, sg).sum(-1, dtype=torch.int32))
+
+
+def _perm_codes(q, perm):
+    if perm in (True, "parity"):
+        return torch.cat([q[:, 0::2], q[:, 1::2]], dim=1)
+    if perm == "perm32":
+        m, k = q.shape
+        return q.reshape(m, k // 32, 16, 2).transpose(2, 3).reshape(m, k)
+    return q
+
+
+def _unperm_codes(q, perm):
+    m, k = q.shape
+    if perm in (True, "parity"):
+        return torch.stack([q[:, : k // 2], q[:, k // 2:]], dim=-1).reshape(m, k)
+    if perm == "perm32":
+        return q.reshape(m, k // 32, 2, 16).transpose(2, 3).reshape(m, k)
+    return q
 
 
 def test_act_quant_leading_dims_and_empty():
@@ -250,44 +330,27 @@ def test_gemm_realistic_shape(kind, monkeypatch):
         assert rel_err(y, reference.quantized_matmul(a, w, bias, torch.float64)) < OUT_TOL[torch.bfloat16]
 
 
-@pytest.mark.parametrize("kind", ["ptr", "tma", "tmas"])
-@pytest.mark.parametrize("m,n,k,group,asym,had,mode", [(7, 72, 256, 0, False, 64, "pieces"),
-                                                       (33, 40, 256, 128, True, 0, "chunked"),
-                                                       (129, 72, 1152, 64, True, 128, "row")])
-def test_w4a8_parity_split_path(m, n, k, group, asym, had, mode, kind, monkeypatch):
-    """The W4A8 layer path: the quantize kernel writes codes parity-split, the GEMM reads them without interleave."""
-    x = make_x(m, k, torch.bfloat16, seed=k + m)
-    mult = torch.rand(k) + 0.5
-    sg = (group or k) if asym else 0
-    a = _run_aq_perm(x, mult, had, sg, mode)
-    r = reference.quantize_activation(x, mult, had, "int8", 127, None, sg)
-    rq = torch.cat([r.q[:, 0::2], r.q[:, 1::2]], dim=1)  # the parity-split layout of the reference codes
-    assert (a.q != -128).all(), "codes not fully written"
-    dq = (a.q.int() - rq.int()).abs()
-    assert dq.max().item() <= 1 and (dq > 0).float().mean().item() < 5e-3
-    torch.testing.assert_close(a.scale, r.scale, rtol=2e-6, atol=0)
-    if sg:
-        assert (a.qsum - r.qsum).abs().max().item() <= sg
-    w = make_w(n, k, "int4", group, asym)
-    y = _run_gemm(a, w, None, torch.float32, kind, monkeypatch, a_perm=True)
-    # oracle: the same codes in natural order through the exact reference GEMM
-    nat = type(a)(q=torch.stack([a.q[:, : k // 2], a.q[:, k // 2:]], dim=-1).reshape(m, k), scale=a.scale, qsum=a.qsum)
-    assert rel_err(y, reference.quantized_matmul(nat, w, None, torch.float64)) < 1e-5
+W4_KINDS = {"parity": ["swap", "swapt", "swapts", "swapt2", "ptr", "tma"],
+            "perm32": ["swap", "swapt", "swapts", "swapt2"]}
 
 
-def _run_aq_perm(x, mult, had, sg, mode):
-    k = x.shape[-1]
-    cands = taq.candidates(k, had, sg, bool(sg) and sg == k)
-    pieces = [c for c in cands if c[1] == -1]
-    whole = [c for c in cands if c[1] >= k]
-    chunked = [c for c in cands if 0 < c[1] < k]
-    pick = {"chunked": chunked or whole, "row": whole or chunked, "pieces": pieces or whole}[mode][0]
-    taq.tuner.force = pick
-    try:
-        return taq.quantize_activation(x, mult, had, "int8", 127, None, sg, out=_poisoned(x.shape[0], k, "int8", sg),
-                                       perm=True)
-    finally:
-        taq.tuner.force = None
+@pytest.mark.parametrize("layout,kind", [(lay, kd) for lay, kinds in W4_KINDS.items() for kd in kinds])
+@pytest.mark.parametrize("m,n,k,group,asym,sums", [(7, 72, 256, 0, False, True), (33, 40, 256, 128, True, True),
+                                                  (129, 72, 192, 0, False, False), (1, 40, 256, 64, True, True)])
+def test_w4a8_layouts(m, n, k, group, asym, sums, layout, kind, monkeypatch):
+    """W4A8 on reordered activation codes: the swapped kernels (int4 weights unpacked in registers as the wgmma's A
+    operand; raw nibbles minus 8 * code sums when the sums are given, sign-corrected nibbles otherwise; perm32: one
+    dot per K step) and the parity-split pointer / TMA kernels; the oracle is the exact GEMM of the natural codes."""
+    w = make_w(n, k, "int4", group, asym, seed=m + n)
+    x = make_x(m, k, torch.float32, seed=k)
+    sg = (group or k) if (asym or sums) else 0
+    r = reference.quantize_activation(x, None, 0, "int8", 127, None, sg)
+    a = type(r)(q=_perm_codes(r.q, layout).contiguous(), scale=r.scale, qsum=r.qsum)
+    monkeypatch.setenv("VIDITQ_GEMM_KINDS", kind)
+    cands = tg.candidates(m, n, k, True, group, True, True, taq.PERM_MODES[layout])
+    assert all(c[0] == kind for c in cands)
+    y = _run_gemm(a, w, None, torch.float32, kind, monkeypatch, a_perm=layout)
+    assert rel_err(y, reference.quantized_matmul(r, w, None, torch.float64)) < 1e-5
 
 
 def test_gemm_k4608_small_tile(monkeypatch):
@@ -317,10 +380,13 @@ def test_gemm_unsupported_combos():
 
 # --------------------------------------------------------------------------------------------------------------
 # the whole layer: fused quantize + GEMM through triton_ops, the call dispatch makes on CUDA
-@pytest.mark.parametrize("dt,fmt,group,asym,had", [
-    (torch.float16, "int8", 0, True, 128), (torch.bfloat16, "int4", 0, False, 64),
-    (torch.bfloat16, "int4", 128, True, 0), (torch.float32, "int8", 64, False, 16)])
-def test_quant_linear_end_to_end(dt, fmt, group, asym, had):
+@pytest.mark.parametrize("dt,fmt,group,asym,had,layout", [
+    (torch.float16, "int8", 0, True, 128, ""), (torch.bfloat16, "int4", 0, False, 64, "auto"),
+    (torch.bfloat16, "int4", 128, True, 0, "parity"), (torch.float32, "int8", 64, False, 16, ""),
+    (torch.float16, "int4", 64, False, 128, "perm32")])
+def test_quant_linear_end_to_end(dt, fmt, group, asym, had, layout, monkeypatch):
+    if layout:
+        monkeypatch.setenv("VIDITQ_W4_LAYOUT", layout)
     b, t, k, n = 2, 33, 256, 72
     x = (make_x(b * t, k, torch.float32, seed=9) * (0.01 if dt == torch.float16 else 1.0)).to(dt).reshape(b, t, k)
     w = make_w(n, k, fmt, group, asym)

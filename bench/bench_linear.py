@@ -11,7 +11,6 @@ against its bandwidth floor. Writes bench/results/linear_<gpu>.json and prints a
     python bench/bench_linear.py --dry                # CPU interpreter, tiny shapes: checks this script only
 """
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -47,13 +46,9 @@ import torch.nn.functional as F  # noqa: E402
 
 
 def _import_pkg():
-    name = "viditq"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
+    from _viditq import import_viditq  # bench/_viditq.py, beside this script
+
+    import_viditq()
     from viditq.kernels import reference, triton_act_quant, triton_gemm, triton_ops  # noqa: F401
     from viditq.kernels.types import QuantizedWeight
 

@@ -17,7 +17,6 @@ Writes bench/results/memory_<gpu>.json and prints a table.
 """
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import pathlib
@@ -50,13 +49,9 @@ if not ARGS.dry and not torch.cuda.is_available():
 
 
 def _import_pkg():
-    name = "viditq"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
+    from _viditq import import_viditq  # bench/_viditq.py, beside this script
+
+    import_viditq()
 
 
 _import_pkg()

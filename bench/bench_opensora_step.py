@@ -11,7 +11,6 @@ W8A8 output error vs FP16; writes bench/results/opensora_step_<gpu>.json.
     python bench/bench_opensora_step.py --dry           # CPU, tiny shapes: checks this script only
 """
 import argparse
-import importlib.util
 import json
 import pathlib
 import sys
@@ -39,13 +38,9 @@ def _parse():
 
 
 def _import_pkg():
-    name = "viditq"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
+    from _viditq import import_viditq  # bench/_viditq.py, beside this script
+
+    import_viditq()
 
 
 def _time(fn, reps, warmup, cuda):

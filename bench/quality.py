@@ -6,7 +6,6 @@ writes bench/results/quality.json ({"command", "rows": [{model, preset, psnr_db,
 and bench/results/quality.png, and prints the table. Numbers are what they are: nothing here is tuned to a result.
 """
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -15,10 +14,9 @@ import sys
 from PIL import Image, ImageDraw
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("viditq", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-pkg = importlib.util.module_from_spec(spec)
-sys.modules["viditq"] = pkg
-spec.loader.exec_module(pkg)
+from _viditq import import_viditq  # noqa: E402  (bench/_viditq.py, beside this script)
+
+import_viditq()
 
 from viditq.evaluation.quality import PRESETS, evaluate, evaluation_models, to_device  # noqa: E402
 
@@ -53,10 +51,13 @@ def main():
     ap.add_argument("--presets", default=",".join(PRESETS))
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the models are small; cuda is just faster)")
     ap.add_argument("--out", default=None, help="results folder (default bench/results)")
+    ap.add_argument("--models", default=None, help="comma-separated subset: seeded-pixart,seeded-stdit,toy-pixart,toy-stdit")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other models' rows of an existing quality.json (and record both commands)")
     args = ap.parse_args()
     presets = [p for p in args.presets.split(",") if p]
     rows = []
-    for em in evaluation_models():
+    for em in evaluation_models(args.models.split(",") if args.models else None):
         to_device(em, args.device)
         print(f"{em.name}:")
         rows += evaluate(em, presets, steps=args.steps)
@@ -64,7 +65,13 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     backend = os.environ.get("VIDITQ_BACKEND", "")
     command = (f"VIDITQ_BACKEND={backend} " if backend else "") + "python bench/quality.py " + " ".join(sys.argv[1:])
-    (out / "quality.json").write_text(json.dumps({"command": command.strip(), "rows": rows}, indent=1))
+    command = command.strip()
+    if args.merge and (out / "quality.json").exists():
+        old = json.loads((out / "quality.json").read_text())
+        mine = {r["model"] for r in rows}
+        rows = [r for r in old["rows"] if r["model"] not in mine] + rows
+        command = f"{old['command']}  +  {command}"
+    (out / "quality.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
     plot(rows, out / "quality.png")
     print(f"\n{'model':44s} {'preset':18s} {'PSNR dB':>8s} {'align %':>8s} {'fid dB':>7s} {'temp dB':>8s}")
     for r in rows:

@@ -3,15 +3,13 @@
 
     python bench/run_train_toy.py --out OUT_DIR [--steps N]
 """
-import importlib.util
 import pathlib
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("viditq", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-pkg = importlib.util.module_from_spec(spec)
-sys.modules["viditq"] = pkg
-spec.loader.exec_module(pkg)
+from _viditq import import_viditq  # noqa: E402  (bench/_viditq.py, beside this script)
+
+import_viditq()
 
 from viditq.evaluation.train_toy import main  # noqa: E402
 

@@ -71,3 +71,13 @@ def temporal_smoothness(video: torch.Tensor) -> float:
     step = (c[1:] - c[:-1]).norm(dim=1).mean().clamp_min(1e-3)
     same_colour = len({a["colour"] for a in found}) == 1
     return float(100.0 * torch.exp(-accel / step)) * (1.0 if same_colour else 0.5)
+
+
+def video_alignment(video: torch.Tensor, scene: Scene) -> float:
+    """Percent of a moving-shape caption a video [F, 3, H, W] shows: shape and colour (middle frame), start
+    position (first frame), end position (last frame)."""
+    first, mid, last = analyze(video[0]), analyze(video[len(video) // 2]), analyze(video[-1])
+    hits = [mid is not None and mid["shape"] == scene.shape, mid is not None and mid["colour"] == scene.colour,
+            first is not None and first["position"] == scene.position,
+            last is not None and last["position"] == scene.end_position]
+    return 100.0 * sum(hits) / 4

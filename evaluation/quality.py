@@ -11,9 +11,9 @@ from ..quant_core import Calibrator, build_quant_layers, describe_model, get_pre
 from ..quant_core.metrics import psnr_db
 from ..quant_core.temporal import temporal_metrics
 from ..standalone.sampler import sample_euler_cfg
-from .analyzers import alignment, fidelity_to_data
-from .toy_models import caption_features, load_toy_pixart, null_features
-from .toy_world import all_image_scenes
+from .analyzers import alignment, fidelity_to_data, psnr01, temporal_smoothness, video_alignment
+from .toy_models import VIDEO_FRAMES, caption_features, load_toy_pixart, load_toy_stdit, null_features
+from .toy_world import all_image_scenes, all_video_scenes, render_video
 
 PRESETS = ["w8a8-naive", "w8a8-pertoken", "w8a8-smoothquant", "w8a8-quarot", "w8a8", "w8a8-fp8", "w6a6",
            "w4a8", "w4a8-g128", "w4a8+plan", "w4a4"]
@@ -66,8 +66,26 @@ def seeded_stdit(seed: int = 0) -> EvalModel:
                      torch.cat([pseudo_caption(p, 16, 256) for p in prompts]), pseudo_caption("", 16, 256), noise)
 
 
-def evaluation_models() -> List[EvalModel]:
-    return [m for m in (seeded_pixart(), seeded_stdit(), toy_pixart()) if m is not None]
+def toy_stdit(n_captions: int = 12) -> Optional[EvalModel]:
+    model = load_toy_stdit()
+    if model is None:
+        return None
+    scenes = all_video_scenes()[:: max(1, len(all_video_scenes()) // n_captions)][:n_captions]
+    noise = torch.randn(len(scenes), 3, VIDEO_FRAMES, 32, 32, generator=torch.Generator().manual_seed(1))
+    return EvalModel("trained-toy-stdit (8 frames)", model, caption_features(scenes), null_features(1), noise,
+                     scenes)
+
+
+MODEL_BUILDERS = {"seeded-pixart": seeded_pixart, "seeded-stdit": seeded_stdit, "toy-pixart": toy_pixart,
+                  "toy-stdit": toy_stdit}
+
+
+def evaluation_models(names: Optional[List[str]] = None) -> List[EvalModel]:
+    unknown = set(names or []) - set(MODEL_BUILDERS)
+    if unknown:
+        raise ValueError(f"unknown evaluation models {sorted(unknown)}; choose from {list(MODEL_BUILDERS)}")
+    built = (MODEL_BUILDERS[n]() for n in (names or MODEL_BUILDERS))
+    return [m for m in built if m is not None]
 
 
 def to_device(em: EvalModel, device) -> EvalModel:
@@ -81,7 +99,13 @@ def _score(em: EvalModel, out: torch.Tensor, ref: torch.Tensor) -> Dict:
     row = {"psnr_db": psnr_db(ref, out), "alignment": None, "fidelity": None, "temporal": None}
     if out.ndim == 5:  # video [B, C, T, H, W]: frame-to-frame differences vs FP16's
         row["temporal"] = temporal_metrics(ref, out)["frame_diff_psnr_db"]
-    if em.scenes is not None:
+    if em.scenes is not None and out.ndim == 5:  # toy videos [B, 3, F, H, W]
+        videos = out.clamp(-1, 1).transpose(1, 2)
+        row["alignment"] = sum(video_alignment(v, s) for v, s in zip(videos, em.scenes)) / len(em.scenes)
+        row["fidelity"] = sum(psnr01(render_video(s, v.shape[0], v.shape[-1]), v)
+                              for v, s in zip(videos, em.scenes)) / len(em.scenes)
+        row["temporal_smoothness"] = sum(temporal_smoothness(v) for v in videos) / len(videos)
+    elif em.scenes is not None:
         imgs = out.clamp(-1, 1)
         row["alignment"] = sum(alignment(i, s) for i, s in zip(imgs, em.scenes)) / len(em.scenes)
         row["fidelity"] = sum(fidelity_to_data(i, s) for i, s in zip(imgs, em.scenes)) / len(em.scenes)

@@ -14,6 +14,10 @@ TOY_PIXART_FILE = WEIGHTS_DIR / "toy_pixart.safetensors"
 TOY_PIXART_CONFIG = dict(hidden_size=192, depth=6, num_heads=3, patch_size=2, in_channels=3, caption_channels=64,
                          model_max_length=MAX_TOKENS, micro_condition=False)
 IMAGE_SIZE = 32
+TOY_STDIT_FILE = WEIGHTS_DIR / "toy_stdit.safetensors"
+TOY_STDIT_CONFIG = dict(hidden_size=192, depth=4, num_heads=3, in_channels=3, caption_channels=64,
+                        model_max_length=MAX_TOKENS)
+VIDEO_FRAMES = 8
 
 
 def build_toy_pixart(config: Optional[Dict] = None) -> PixArt:
@@ -30,6 +34,25 @@ def load_toy_pixart(path: pathlib.Path = TOY_PIXART_FILE) -> Optional[PixArt]:
         meta = f.metadata() or {}
     config = json.loads(meta["config"]) if "config" in meta else TOY_PIXART_CONFIG
     model = build_toy_pixart(config)
+    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    return model.eval()
+
+
+def build_toy_stdit(config: Optional[Dict] = None):
+    from ..models.opensora.stdit import STDiT
+
+    return STDiT(**(config or TOY_STDIT_CONFIG))
+
+
+def load_toy_stdit(path: pathlib.Path = TOY_STDIT_FILE):
+    """The trained toy STDiT (OpenSORA 1.0 architecture, text-to-video of moving shapes), or None."""
+    if not path.exists():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    model = build_toy_stdit(json.loads(meta["config"]) if "config" in meta else None)
     model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
     return model.eval()
 

@@ -41,6 +41,10 @@ def all_image_scenes() -> List[Scene]:
     return [Scene(s, c, p) for s in SHAPES for c in COLOURS for p in POSITIONS]
 
 
+def all_video_scenes() -> List[Scene]:
+    return [Scene(s, c, p, e) for s in SHAPES for c in COLOURS for p in POSITIONS for e in POSITIONS if e != p]
+
+
 def random_scene(rng: random.Random, video: bool = False) -> Scene:
     pos = rng.choice(list(POSITIONS))
     end = rng.choice([p for p in POSITIONS if p != pos]) if video else None

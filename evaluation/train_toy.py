@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Train the toy PixArt-architecture text-to-image model on the procedural shape world (GPU, minutes).
+"""Train the toy models on the procedural shape world (GPU, minutes): the PixArt-architecture text-to-image
+model, or with --video the OpenSORA-1.0-architecture (STDiT) text-to-video model of moving shapes.
 
-    python -m viditq.evaluation.train_toy --out DIR [--steps 6000] [--seed 0]
-(or through bench/run_train_toy.py, which imports the repo as `viditq`). eps-prediction on PixArt's discrete
-linear-beta schedule, 10% caption dropout for CFG, AdamW + EMA; writes toy_pixart.safetensors (fp16 EMA
-weights + config metadata), samples.png and train_log.json.
+    python bench/run_train_toy.py --out DIR [--video] [--steps N] [--seed 0] [--max-seconds S]
+eps-prediction on the discrete linear-beta schedule (PixArt's and OpenSORA 1.0's), 10% caption dropout for CFG,
+AdamW + EMA; writes toy_pixart.safetensors or toy_stdit.safetensors (fp16 EMA weights + config metadata),
+samples.png and train_log.json.
 """
 import argparse
 import json
@@ -17,22 +18,21 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ..standalone.sampler import sample_euler_cfg
-from .analyzers import alignment
-from .toy_models import IMAGE_SIZE, TOY_PIXART_CONFIG, build_toy_pixart, caption_features, null_features
-from .toy_world import all_image_scenes, render
+from .analyzers import alignment, temporal_smoothness, video_alignment
+from .toy_models import (IMAGE_SIZE, TOY_PIXART_CONFIG, TOY_STDIT_CONFIG, VIDEO_FRAMES, build_toy_pixart,
+                         build_toy_stdit, caption_features, null_features)
+from .toy_world import all_image_scenes, all_video_scenes, render, render_video
 
 
-def jittered_bank(scenes, variants: int, device) -> torch.Tensor:
-    """[len(scenes), variants, 3, S, S]: each scene shifted by up to 2 px (so positions are regions)."""
-    out = torch.empty(len(scenes), variants, 3, IMAGE_SIZE, IMAGE_SIZE)
+def jittered_bank(scenes, variants: int, device, video: bool = False) -> torch.Tensor:
+    """[len(scenes), variants, 3, S, S] ([.., 3, F, S, S] for video): each scene shifted by up to 2 px."""
     rng = random.Random(0)
-    for i, s in enumerate(scenes):
-        base = render(s, IMAGE_SIZE)
-        for v in range(variants):
-            dx, dy = rng.randint(-2, 2), rng.randint(-2, 2)
-            shifted = torch.roll(base, shifts=(dy, dx), dims=(1, 2))
-            out[i, v] = shifted
-    return out.to(device)
+    out = []
+    for s in scenes:
+        base = render_video(s, VIDEO_FRAMES, IMAGE_SIZE).transpose(0, 1) if video else render(s, IMAGE_SIZE)
+        out.append(torch.stack([torch.roll(base, shifts=(rng.randint(-2, 2), rng.randint(-2, 2)), dims=(-2, -1))
+                                for _ in range(variants)]))
+    return torch.stack(out).to(device)
 
 
 def main(argv=None):
@@ -42,17 +42,22 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--lr", type=float, default=4e-4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--video", action="store_true", help="train the STDiT text-to-video toy model")
+    ap.add_argument("--max-seconds", type=float, default=1e9, help="stop training early after this long")
+    ap.add_argument("--eval-captions", type=int, default=60, help="video captions scored after training")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    scenes = all_image_scenes()
-    bank = jittered_bank(scenes, 16, dev)
+    scenes = all_video_scenes() if args.video else all_image_scenes()
+    bank = jittered_bank(scenes, 4 if args.video else 16, dev, args.video)
     feats = caption_features(scenes).to(dev)
     null = null_features(1).to(dev)
-    model = build_toy_pixart().to(dev).train()
-    ema = build_toy_pixart().to(dev).eval()
+    build, config = (build_toy_stdit, TOY_STDIT_CONFIG) if args.video else (build_toy_pixart, TOY_PIXART_CONFIG)
+    name = "toy_stdit" if args.video else "toy_pixart"
+    model = build().to(dev).train()
+    ema = build().to(dev).eval()
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
@@ -70,7 +75,7 @@ def main(argv=None):
         ctx = torch.where(drop[:, None, None], null.expand_as(ctx), ctx)
         t = torch.randint(0, 1000, (args.batch,), device=dev)
         noise = torch.randn_like(x0)
-        ab = a_bar[t].view(-1, 1, 1, 1)
+        ab = a_bar[t].view(-1, *[1] * (x0.ndim - 1))
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             pred = model(xt, t.float(), ctx)
@@ -83,30 +88,48 @@ def main(argv=None):
             decay = min(0.999, (1 + step) / (10 + step))
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - decay)
-        if step % 500 == 0 or step == args.steps - 1:
+        last = step == args.steps - 1 or time.time() - t0 > args.max_seconds
+        if step % 500 == 0 or last:
             log.append({"step": step, "loss": loss.item(), "seconds": time.time() - t0})
             print(json.dumps(log[-1]), flush=True)
+        if last:
+            break
 
-    # score the EMA model on every caption with the analyzers
+    # score the EMA model with the analyzers (every image caption; 60 video captions)
     ema.float()
+    eval_scenes = scenes if not args.video else scenes[:: max(1, len(scenes) // args.eval_captions)][:args.eval_captions]
+    eval_feats = caption_features(eval_scenes).to(dev)
+    shape = (len(eval_scenes), 3, VIDEO_FRAMES, IMAGE_SIZE, IMAGE_SIZE) if args.video else \
+        (len(eval_scenes), 3, IMAGE_SIZE, IMAGE_SIZE)
     with torch.no_grad():
-        g = torch.Generator(device="cpu").manual_seed(1)
-        noise = torch.randn(len(scenes), 3, IMAGE_SIZE, IMAGE_SIZE, generator=g).to(dev)
-        imgs = sample_euler_cfg(ema, noise, feats, null, 20, 4.5)
-    imgs = imgs.clamp(-1, 1).cpu()
-    align = sum(alignment(im, s) for im, s in zip(imgs, scenes)) / len(scenes)
+        noise = torch.randn(*shape, generator=torch.Generator(device="cpu").manual_seed(1)).to(dev)
+        out = sample_euler_cfg(ema, noise, eval_feats, null, 20, 4.5).clamp(-1, 1).cpu()
+    if args.video:
+        videos = out.transpose(1, 2)  # [B, F, 3, H, W]
+        align = sum(video_alignment(v, s) for v, s in zip(videos, eval_scenes)) / len(eval_scenes)
+        smooth = sum(temporal_smoothness(v) for v in videos) / len(videos)
+        rows, cols = min(6, len(videos)), VIDEO_FRAMES
+        shown = videos[:rows].reshape(rows * VIDEO_FRAMES, 3, IMAGE_SIZE, IMAGE_SIZE)
+    else:
+        align = sum(alignment(im, s) for im, s in zip(out, eval_scenes)) / len(eval_scenes)
+        smooth = None
+        shown, rows, cols = out[:45], 5, 9
     sd = {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in ema.state_dict().items()}
-    save_file(sd, str(args.out / "toy_pixart.safetensors"),
-              metadata={"config": json.dumps(TOY_PIXART_CONFIG), "steps": str(args.steps), "seed": str(args.seed),
-                        "alignment_fp32_20steps": f"{align:.2f}"})
+    meta = {"config": json.dumps(config), "steps": str(log[-1]["step"] + 1), "seed": str(args.seed),
+            "alignment_20steps": f"{align:.2f}"}
+    if smooth is not None:
+        meta["temporal_smoothness_20steps"] = f"{smooth:.2f}"
+    save_file(sd, str(args.out / f"{name}.safetensors"), metadata=meta)
     from PIL import Image
 
-    grid = ((imgs[:45].reshape(5, 9, 3, IMAGE_SIZE, IMAGE_SIZE).permute(0, 3, 1, 4, 2)
-             .reshape(5 * IMAGE_SIZE, 9 * IMAGE_SIZE, 3) + 1) / 2 * 255).round().byte().numpy()
-    Image.fromarray(grid).resize((9 * 96, 5 * 96), Image.NEAREST).save(args.out / "samples.png")
-    (args.out / "train_log.json").write_text(json.dumps({"log": log, "alignment": align,
-                                                          "args": {k: str(v) for k, v in vars(args).items()}}))
-    print(f"alignment of EMA samples over {len(scenes)} captions: {align:.1f}%  ({time.time() - t0:.0f}s)")
+    grid = ((shown.reshape(rows, cols, 3, IMAGE_SIZE, IMAGE_SIZE).permute(0, 3, 1, 4, 2)
+             .reshape(rows * IMAGE_SIZE, cols * IMAGE_SIZE, 3) + 1) / 2 * 255).round().byte().numpy()
+    Image.fromarray(grid).resize((cols * 96, rows * 96), Image.NEAREST).save(args.out / f"{name}_samples.png")
+    (args.out / f"{name}_train_log.json").write_text(json.dumps({
+        "log": log, "alignment": align, "temporal_smoothness": smooth,
+        "args": {k: str(v) for k, v in vars(args).items()}}))
+    print(f"{name}: alignment {align:.1f}%" + ("" if smooth is None else f", smoothness {smooth:.1f}") +
+          f" over {len(eval_scenes)} captions ({time.time() - t0:.0f}s)")
 
 
 if __name__ == "__main__":

@@ -214,3 +214,30 @@ def test_mixed_precision_api_workflow_runs_headless_and_reports(server):
     saved = {p.name for p in (server["output"] / "vidit_q").glob("*.png")}
     assert any(n.startswith("w4a8_mp_sensitivity") for n in saved) and any(n.startswith("w4a8_mp_compare")
                                                                          for n in saved), saved
+
+
+def test_ui_workflows_have_one_widget_value_per_widget():
+    """The front end maps widgets_values by position: a missing or extra value shifts every later widget."""
+    from comfy_env import import_comfyui
+
+    import_comfyui()
+    from comfy_api.latest import io
+
+    from viditq.nodes.extension import ViDiTQExtension
+    import asyncio
+
+    ours = {cls.GET_SCHEMA().node_id: cls for cls in asyncio.run(ViDiTQExtension().get_node_list())}
+    widget_types = (io.Int, io.Float, io.String, io.Combo, io.Boolean)
+    checked = 0
+    for path in WORKFLOWS.glob("*.json"):
+        if path.name.endswith("_api.json"):
+            continue
+        for node in json.loads(path.read_text())["nodes"]:
+            cls = ours.get(node["type"])
+            if cls is None:
+                continue
+            widgets = [i for i in cls.GET_SCHEMA().inputs if isinstance(i, tuple(t.Input for t in widget_types))]
+            expected = len(widgets) + sum(1 for i in widgets if getattr(i, "control_after_generate", False))
+            assert len(node["widgets_values"]) == expected, (path.name, node["type"], node["widgets_values"])
+            checked += 1
+    assert checked >= 5

@@ -1,0 +1,889 @@
+#!/usr/bin/env python3
+"""End-to-end speed of a PixArt-Σ-size DiT per denoising step: bf16 vs ViDiT-Q variants vs peers, in ONE run.
+
+GPU only (never run in CI). The model is the plain-torch PixArt of models/pixart.py in the official layout (ComfyUI
+is not needed; ComfyUI runs the same modules), 28 blocks, hidden 1152, 16 heads (head dim 72), 300 T5 tokens,
+random weights with the seeded outlier statistics of models/tiny_pixart.py, bf16, batch 2 (CFG), 512 and 1024 px
+(latents 64 and 128 -> 1024 and 4096 tokens).
+
+Variants (all in one process, same inputs):
+  fp16                  bf16 baseline (cuBLAS + torch SDPA)
+  fp16_attn_fp8         bf16 linears + our fp8 attention (isolates the attention)
+  w8a8_int8, w8a8_fp8   our QuantLinear (rotation, no calibration: speed does not depend on it), linears only
+  w8a8_fp8_attn         w8a8_fp8 + our fp8 attention
+  w8a8_full             w8a8_fp8_attn + elementwise fusion (LayerNorm+modulate, GELU, gate+residual) by
+                        torch.compile of each block around our kernels (regional compile)
+  w4a8_plan             W4A8 with the MLP at 8 bits (plan), linears only
+  torchao_int8          torchao Int8DynamicActivationInt8WeightConfig (eager), same linears
+  torchao_int8_compile  the same, blocks compiled (torch.compile)
+  torchao_fp8           torchao Float8DynamicActivationFloat8WeightConfig(PerRow) (eager)
+  comfy_fp8_fast_equiv  ComfyUI's fp8_e4m3fn_fast path re-implemented (ComfyUI is not on the GPU machine): fp8
+                        e4m3 weights with a per-tensor scale, static per-tensor input scale, torch._scaled_mm
+                        (comfy/ops.py fp8_linear), same linears
+  fp16_compile          bf16 with the blocks compiled (what torch.compile alone gives; reference for the above)
+Every variant is checked first (output rel error vs bf16, finite), then timed: one step as the median of many
+eager calls after warm-up (CUDA events), the same from a CUDA-graph replay where capture works, and a 20-step Euler
+CFG run (wall). A torch.profiler breakdown (kernel time by kind, per block) for fp16 and the best variant, and an
+attention micro-benchmark (SDPA backends vs ours, error vs fp32) come with it.
+Writes <out>/e2e_<gpu>.json, <out>/e2e_<gpu>.png and prints a short table last; the JSON is rewritten after every
+variant, so a run cut short keeps what it measured.
+
+    python bench/bench_e2e.py --out bench/results          # the full run (about 6-8 minutes on an H200)
+    python bench/bench_e2e.py --attention-quality          # CPU: PSNR cost of the quantized attention
+"""
+import argparse
+import copy
+import gc
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+import traceback
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+T_START = time.time()
+
+ALL_VARIANTS = ["fp16", "fp16_attn_fp8", "w8a8_int8", "w8a8_fp8", "w8a8_fp8_attn", "torchao_int8", "torchao_fp8",
+                "comfy_fp8_fast_equiv", "w4a8_plan", "w8a8_full", "torchao_int8_compile", "fp16_compile"]
+COMPILED = {"w8a8_full", "torchao_int8_compile", "fp16_compile"}
+
+
+def _parse():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--resolutions", default="512,1024", help="pixels; latent = px / 8")
+    p.add_argument("--variants", default=",".join(ALL_VARIANTS))
+    p.add_argument("--depth", type=int, default=28)
+    p.add_argument("--tokens", type=int, default=300, help="T5 tokens (PixArt-Σ: 300)")
+    p.add_argument("--reps", type=int, default=25, help="timed calls per measurement (median)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps of the sampling run")
+    p.add_argument("--budget-s", type=float, default=330.0, help="skip what would start after this many seconds")
+    p.add_argument("--compile-reserve-s", type=float, default=90.0,
+                   help="a compiled variant starts only with this much budget left")
+    p.add_argument("--full-tune", action="store_true",
+                   help="let the kernel tuners time every candidate (default: a short list, to fit a device lease)")
+    p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--no-attn-bench", action="store_true", help="skip the attention micro-benchmark")
+    p.add_argument("--run-tag", default="", help="written into every row (several device runs merged later)")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="CPU: merge result files of several runs (rows keep their run tag and their own run's fp16 "
+                        "baseline) into --out/e2e_<gpu>.json + .png and print the table")
+    p.add_argument("--smoke", action="store_true", help="CPU, 1 block, tiny shapes: checks this script only")
+    p.add_argument("--attention-quality", action="store_true",
+                   help="CPU: PSNR cost of quantized attention on the evaluation models, then exit")
+    return p.parse_args()
+
+
+ARGS = _parse()
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+
+def _import_pkg():
+    from _viditq import import_viditq  # bench/_viditq.py, beside this script
+
+    import_viditq()
+
+
+_import_pkg()
+from viditq.models.pixart import PixArt, pixart_config_from_state_dict  # noqa: E402
+from viditq.models.tiny_pixart import build_tiny_pixart_state_dict  # noqa: E402
+from viditq.quant_core import QuantPlan, build_quant_layers, describe_model, get_preset, replace_layers  # noqa: E402
+from viditq.quant_core.attention import set_pixart_attention  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU: quality cost of the quantized attention
+# ---------------------------------------------------------------------------------------------------------------
+def attention_quality(steps: int = 20):
+    """PSNR vs FP of W8A8 (calibrated ViDiT-Q) with attention off / fp8 / int8, and of FP linears with each
+    attention, on the evaluation models (seeded 1152x2 PixArt: head dim 72; trained toy: 64) and the tests' tiny
+    PixArt (head dim 16). The torch twin of the kernel runs the same quantization on the CPU."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from viditq.evaluation.quality import seeded_pixart, toy_pixart
+    from viditq.quant_core import Calibrator, compare
+    from viditq.standalone.sampler import sample_euler_cfg
+    from helpers import noise, text_pair, tiny_pixart
+
+    models = []
+    tp = tiny_pixart()
+    c, u = text_pair()
+    models.append(("tests.helpers.tiny_pixart (256x2, d=16)", tp, noise(), c, u))
+    for em in (seeded_pixart(), toy_pixart()):
+        if em is not None:
+            models.append((em.name, em.model, em.noise, em.cond, em.uncond))
+    rows = []
+    for name, model, x, cond, uncond in models:
+        t0 = time.time()
+
+        def sample(hook=None):
+            return sample_euler_cfg(model, x, cond, uncond, steps, 4.5, on_model_call=hook)
+
+        _, _, layers, fp = describe_model(model)
+        cal = Calibrator({n: m for n, (m, _) in layers.items()}, num_buckets=4)
+        with cal:
+            sample(cal.set_step)
+        calib = cal.result(fp)
+        ref = sample()
+        row = {"model": name, "steps": steps}
+        for attn in ("fp8", "int8"):
+            set_pixart_attention(model, attn, "torch")
+            row[f"fp_linears+attn_{attn}"] = compare(ref, sample())["psnr_db"]
+            set_pixart_attention(model, "off")
+        q, _ = build_quant_layers(model, get_preset("w8a8"), calib, None, "torch")
+        old = replace_layers(model, q)
+        try:
+            row["w8a8"] = compare(ref, sample())["psnr_db"]
+            for attn in ("fp8", "int8"):
+                set_pixart_attention(model, attn, "torch")
+                row[f"w8a8+attn_{attn}"] = compare(ref, sample())["psnr_db"]
+                set_pixart_attention(model, "off")
+        finally:
+            replace_layers(model, old)
+        for attn in ("fp8", "int8"):
+            row[f"cost_db_attn_{attn}_on_w8a8"] = row["w8a8"] - row[f"w8a8+attn_{attn}"]
+        row["seconds"] = round(time.time() - t0, 1)
+        rows.append(row)
+        print(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+    out = pathlib.Path(ARGS.out) / "attention_quality.json"
+    out.write_text(json.dumps({"command": "python bench/bench_e2e.py --attention-quality", "rows": rows}, indent=1))
+    print(f"wrote {out}")
+
+
+if ARGS.attention_quality:
+    attention_quality(ARGS.steps)
+    sys.exit(0)
+
+
+def merge_runs(paths):
+    global RESULT, GPU, GPU_TAG
+    runs = [json.loads(pathlib.Path(p).read_text()) for p in paths]
+    base = dict(runs[0])
+    base["runs"] = [{"file": pathlib.Path(p).name, "command": r["command"], "elapsed_s": r.get("elapsed_s"),
+                     "tag": (r["rows"][0].get("run") if r["rows"] else None)} for p, r in zip(paths, runs)]
+    base["command"] = " ; ".join(r["command"] for r in runs)
+    base["rows"] = []
+    measured = {(y["variant"], y["resolution"]) for r in runs for y in r["rows"] if y.get("ms_per_step")}
+    last_skip = {}
+    for r in runs:  # a skipped row only where no run measured it, and then only the last run's
+        for x in r["rows"]:
+            if not x.get("ms_per_step"):
+                last_skip[(x["variant"], x["resolution"])] = x
+    for r in runs:
+        # every measured row (with its own run's fp16 speedup)
+        base["rows"] += [x for x in r["rows"] if x.get("ms_per_step") or (
+            (x["variant"], x["resolution"]) not in measured and last_skip.get((x["variant"], x["resolution"])) is x)]
+        for key in ("attention_microbench",):
+            if r.get(key):
+                base[key] = r[key]
+        for key in ("profile", "compile_and_graphs", "setup"):
+            base.setdefault(key, {})
+            base[key] = {**base.get(key, {}), **r.get(key, {})}
+        base["notes"] = list(dict.fromkeys(base.get("notes", []) + r.get("notes", [])))
+    RESULT = base
+    GPU = base["gpu"]
+    GPU_TAG = GPU.lower().replace(" ", "_").replace("-", "_")
+
+if not torch.cuda.is_available() and not ARGS.smoke and not ARGS.merge:
+    print("bench_e2e.py measures GPU speed and needs a CUDA GPU; none found (use --attention-quality for the "
+          "CPU quality part).")
+    sys.exit(2)
+
+from viditq.kernels import triton_attention  # noqa: E402
+from viditq.kernels.reference_attention import attention_exact  # noqa: E402
+from viditq.standalone.sampler import sample_euler_cfg  # noqa: E402
+
+SMOKE = ARGS.smoke
+if SMOKE:  # the script's logic on the CPU: torch reference kernels, tiny shapes, no graphs
+    os.environ["VIDITQ_BACKEND"] = "torch"
+    ARGS.depth, ARGS.tokens, ARGS.reps, ARGS.steps = 1, 16, 2, 2
+    ARGS.resolutions, ARGS.no_profile = "64", False
+    ARGS.out = str(pathlib.Path(ARGS.out) / "smoke") if ARGS.out == str(ROOT / "bench" / "results") else ARGS.out
+DEV = torch.device("cpu" if SMOKE else "cuda")
+DTYPE = torch.bfloat16
+GPU = "cpu-smoke" if SMOKE or ARGS.merge else torch.cuda.get_device_name(DEV)
+GPU_TAG = GPU.lower().replace(" ", "_").replace("-", "_")
+OUT = pathlib.Path(ARGS.out)
+OUT.mkdir(parents=True, exist_ok=True)
+HIDDEN, HEADS, CAPTION = 1152, 16, 4096
+RESOLUTIONS = [int(r) for r in ARGS.resolutions.split(",") if r]
+VARIANTS = [v for v in ARGS.variants.split(",") if v]
+MODEL_NAME = f"pixart_sigma_xl2 ({ARGS.depth}x{HIDDEN}, random weights)"
+def _command() -> str:
+    argv, out, skip = sys.argv[1:], [], False
+    for a in argv:  # the output folder is where the device wrote, not part of the measurement
+        if skip:
+            skip = False
+            continue
+        if a == "--out":
+            skip = True
+            continue
+        if not a.startswith("--out="):
+            out.append(a)
+    return "python bench/bench_e2e.py" + "".join(" " + a for a in out)
+
+
+RESULT = {"gpu": GPU, "command": _command(),
+          "torch": torch.__version__, "rows": [], "attention_microbench": [], "profile": {}, "notes": [],
+          "compile_and_graphs": {}, "setup": {}}
+try:
+    import triton
+
+    RESULT["triton"] = triton.__version__
+except Exception:  # pragma: no cover
+    pass
+
+
+def elapsed() -> float:
+    return time.time() - T_START
+
+
+def log(msg: str) -> None:
+    print(f"[{elapsed():6.1f}s] {msg}", flush=True)
+
+
+def note(msg: str) -> None:
+    RESULT["notes"].append(msg)
+    log("NOTE " + msg)
+
+
+def sync():
+    if not SMOKE:
+        torch.cuda.synchronize()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tuner candidate lists: a short list by default (every candidate is a Triton compile of 1-3 s; the full lists
+# cost minutes of device time). Wraps the modules' functions in this process only.
+# ---------------------------------------------------------------------------------------------------------------
+def restrict_tuners(n_gemm: int = 5, n_act: int = 5):
+    from viditq.kernels import triton_act_quant as aq
+    from viditq.kernels import triton_gemm as gm
+
+    g0, a0 = gm.candidates, aq.candidates
+
+    def gemm_candidates(*a, **k):
+        c = list(g0(*a, **k))
+        if any(str(cfg[0]).startswith("swap") for cfg in c):  # W4A8 lists: the module's own order
+            return c[:n_gemm]
+        # W8A8: the two-programs-per-SM TMA kernels won at M >= 8192 (bench/NOTES_kernels.md), then the rest
+        return sorted(c, key=lambda cfg: 0 if cfg[0] in ("tma2", "tmas2") else 1)[:n_gemm]
+
+    def act_candidates(*a, **k):
+        c = list(a0(*a, **k))
+        return c[:n_act]
+
+    gm.candidates = gemm_candidates
+    aq.candidates = act_candidates
+    RESULT["setup"]["tuner"] = f"short lists: GEMM {n_gemm} candidates (tma2/tmas2/ptr first), act quantize {n_act}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model and inputs
+# ---------------------------------------------------------------------------------------------------------------
+def build_fp_model() -> nn.Module:
+    sd = build_tiny_pixart_state_dict(0, hidden=HIDDEN, depth=ARGS.depth, caption_channels=CAPTION,
+                                      token_num=ARGS.tokens)
+    with torch.device("meta"):
+        model = PixArt(**pixart_config_from_state_dict(sd))
+    model.load_state_dict({k: v.to(DEV, DTYPE) for k, v in sd.items()}, assign=True)
+    return model.eval()
+
+
+def inputs(px: int, t: float = 700.0):
+    lat = px // 8
+    g = torch.Generator(device="cpu").manual_seed(px)
+    x = torch.randn(2, 4, lat, lat, generator=g).to(DEV, DTYPE)
+    ts = torch.tensor([t, t], device=DEV)
+    ctx = (torch.randn(2, ARGS.tokens, CAPTION, generator=g)).to(DEV, DTYPE)
+    return x, ts, ctx
+
+
+def block_linear_names(model) -> list:
+    _, _, layers, _ = describe_model(model)
+    return list(layers)
+
+
+def plan_mlp8(model) -> QuantPlan:
+    _, _, layers, fingerprint = describe_model(model)
+    return QuantPlan(fingerprint=fingerprint, layers={n: {"w_bits": 8} for n in layers if ".mlp." in n},
+                     base_preset="w4a8", info={"rule": "mlp fc1/fc2 at 8 bits, the rest at 4"})
+
+
+class ComfyFP8Linear(nn.Module):
+    """ComfyUI's fp8_e4m3fn_fast linear (comfy/ops.py fp8_linear, 'scale_input' branch), re-implemented: fp8 e4m3
+    weight with one per-tensor scale, input multiplied by 1/scale_input and cast to fp8, torch._scaled_mm with
+    bias, bf16 out. scale_input is static (a scaled-fp8 checkpoint carries it; here: calibrated once)."""
+
+    def __init__(self, lin: nn.Linear, scale_input: torch.Tensor):
+        super().__init__()
+        w = lin.weight.detach().float()
+        sw = (w.abs().amax() / 448.0).clamp_min(1e-12)
+        self.register_buffer("weight", (w / sw).to(torch.float8_e4m3fn))
+        self.register_buffer("scale_weight", sw.reshape(()).float())
+        self.register_buffer("scale_input", scale_input.reshape(()).float())
+        self.register_buffer("bias", None if lin.bias is None else lin.bias.detach().to(DTYPE))
+
+    def forward(self, x):
+        shape = x.shape
+        xi = (x * (1.0 / self.scale_input).to(x.dtype)).reshape(-1, shape[-1]).to(torch.float8_e4m3fn).contiguous()
+        o = torch._scaled_mm(xi, self.weight.t(), out_dtype=x.dtype, bias=self.bias, scale_a=self.scale_input,
+                             scale_b=self.scale_weight)
+        if isinstance(o, tuple):
+            o = o[0]
+        return o.reshape(*shape[:-1], -1)
+
+
+def comfy_fp8_layers(model) -> dict:
+    """ComfyFP8Linear for every block linear; scale_input = 2x the input abs-max seen over three timesteps at each
+    resolution (a margin so other timesteps do not overflow fp8)."""
+    names = block_linear_names(model)
+    amax = {n: torch.zeros((), device=DEV) for n in names}
+    hooks = []
+    for n in names:
+        def hook(mod, inp, out, n=n):
+            amax[n] = torch.maximum(amax[n], inp[0].detach().abs().amax().float())
+        hooks.append(model.get_submodule(n).register_forward_hook(hook))
+    with torch.no_grad():
+        for px in RESOLUTIONS:
+            for t in (999.0, 500.0, 1.0):
+                model(*inputs(px, t))
+    for h in hooks:
+        h.remove()
+    return {n: ComfyFP8Linear(model.get_submodule(n), (2 * amax[n] / 448.0).clamp_min(1e-8)) for n in names}
+
+
+def torchao_model(model, kind: str):
+    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig,
+                                      Int8DynamicActivationInt8WeightConfig, PerRow, quantize_)
+
+    names = set(block_linear_names(model))
+    m = copy.deepcopy(model)
+    cfg = Int8DynamicActivationInt8WeightConfig() if kind == "int8" else \
+        Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    quantize_(m, cfg, filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear) and fqn in names)
+    return m
+
+
+def compile_blocks(model):
+    """Regional compilation: each block compiled (the 28 share one compiled graph per shape)."""
+    torch._dynamo.config.automatic_dynamic_shapes = False  # one static graph per resolution
+    torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+    for blk in model.blocks:
+        blk.compile()
+    return model
+
+
+class OpaqueKernels:
+    """While active, our quantized linear and attention calls are opaque to torch.compile (torch.compiler.disable):
+    Dynamo stops at each call (a graph break) and compiles what lies between (LayerNorm + modulate, GELU,
+    gate + residual), which Inductor fuses. Patches module attributes of this process only."""
+
+    def __enter__(self):
+        import viditq.kernels as kmod
+        import viditq.quant_core.attention as amod
+
+        self.saved = [(kmod, "quant_linear", kmod.quant_linear), (amod, "quantized_attention", amod.quantized_attention)]
+        for mod, name, fn in self.saved:
+            setattr(mod, name, torch.compiler.disable(fn))
+        return self
+
+    def __exit__(self, *exc):
+        for mod, name, fn in self.saved:
+            setattr(mod, name, fn)
+
+
+def compile_probe(model) -> dict:
+    """Can torch.compile trace one quantized linear / our attention as they are (fullgraph=True)? The first
+    unsupported construct is the precise reason a compiled model breaks its graph there."""
+    out = {}
+    names = block_linear_names(model)
+    x = torch.randn(2, 1024, HIDDEN, device=DEV, dtype=DTYPE)
+    layers, _ = build_quant_layers(model, get_preset("w8a8-fp8"), None, None, "auto")
+    lin = layers[names[0]]
+    lin(x)
+    q = torch.randn(2, HEADS, 1024, HIDDEN // HEADS, device=DEV, dtype=DTYPE)
+    from viditq.quant_core.attention import quantized_attention
+
+    quantized_attention(q, q, q, "fp8")
+    for label, fn, args in (("QuantLinear (w8a8-fp8, Triton)", lin, (x,)),
+                            ("quantized_attention fp8 (Triton)", lambda a: quantized_attention(a, a, a, "fp8"), (q,))):
+        torch._dynamo.reset()
+        t0 = time.time()
+        try:
+            c = torch.compile(fn, fullgraph=True)
+            y = c(*args)
+            ref = fn(*args)
+            out[label] = {"fullgraph": True, "rel_err_vs_eager": rel_err(y, ref), "seconds": round(time.time() - t0, 1)}
+        except Exception as e:
+            msg = str(e).strip().splitlines()
+            out[label] = {"fullgraph": False, "reason": f"{type(e).__name__}: " + " | ".join(msg[:6])[:700],
+                          "seconds": round(time.time() - t0, 1)}
+        log(f"compile probe {label}: {out[label]}")
+    torch._dynamo.reset()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# measurement
+# ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def time_eager(fn, reps: int) -> float:
+    if SMOKE:
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(ts)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        starts[i].record()
+        fn()
+        ends[i].record()
+    sync()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+@torch.no_grad()
+def time_graph(fn, reps: int, ref_out: torch.Tensor):
+    """(median ms of a CUDA-graph replay, rel error of the replayed output vs eager) or raises."""
+    if SMOKE:
+        raise RuntimeError("no CUDA graphs on the CPU")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    g.replay()
+    sync()
+    err = rel_err(out, ref_out)
+    ms = time_eager(g.replay, reps)
+    del g
+    return ms, err
+
+
+@torch.no_grad()
+def run_steps(model, px: int) -> float:
+    lat = px // 8
+    g = torch.Generator(device="cpu").manual_seed(1)
+    noise = torch.randn(1, 4, lat, lat, generator=g).to(DEV, DTYPE)
+    cond = torch.randn(1, ARGS.tokens, CAPTION, generator=g).to(DEV, DTYPE)
+    uncond = torch.zeros_like(cond)
+    sync()
+    t0 = time.perf_counter()
+    out = sample_euler_cfg(model, noise, cond, uncond, ARGS.steps, 4.5)
+    sync()
+    if not torch.isfinite(out).all():
+        raise RuntimeError("non-finite latent after the sampling run")
+    return time.perf_counter() - t0
+
+
+REFS = {}
+
+
+@torch.no_grad()
+def measure(variant: str, model, px: int, extra: dict) -> dict:
+    x, t, ctx = inputs(px)
+    fn = lambda: model(x, t, ctx)  # noqa: E731
+    row = {"model": MODEL_NAME, "resolution": px, "variant": variant, "ms_per_step": None, "speedup_vs_fp16": None,
+           "run": ARGS.run_tag or None}
+    row.update(extra)
+    t0 = time.time()
+    out = fn()  # first call: kernel compiles / tuning
+    sync()
+    row["first_call_s"] = round(time.time() - t0, 2)
+    for _ in range(2):
+        out = fn()
+    sync()
+    if variant == "fp16":
+        REFS[px] = out.float().clone()
+    ok = bool(torch.isfinite(out).all())
+    err = rel_err(out, REFS[px]) if px in REFS else None
+    row["rel_err_vs_bf16"] = err
+    row["correct"] = ok and (err is None or err < 1.0)  # recorded; only a broken (non-finite / >100%) output stops
+    if not row["correct"]:
+        row["reason"] = f"output check failed (finite={ok}, rel_err={err})"
+        return row
+    reps = ARGS.reps if px >= 1024 else ARGS.reps + 15
+    row["ms_per_step"] = round(time_eager(fn, reps), 4)
+    try:
+        ms_g, err_g = time_graph(fn, reps, out)
+        row["ms_per_step_graph"] = round(ms_g, 4)
+        row["graph_rel_err_vs_eager"] = err_g
+    except Exception as e:
+        row["ms_per_step_graph"] = None
+        row["graph_failure"] = f"{type(e).__name__}: {str(e)[:300]}"
+        sync()
+    try:
+        row["seconds_20_steps"] = round(run_steps(model, px), 3)
+    except Exception as e:
+        row["seconds_20_steps"] = None
+        row["steps_failure"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return row
+
+
+FP16_MS = {}
+
+
+def finish_row(row: dict) -> None:
+    px = row["resolution"]
+    if row["variant"] == "fp16" and row.get("ms_per_step"):
+        FP16_MS[px] = (row["ms_per_step"], row.get("ms_per_step_graph"))
+    base = FP16_MS.get(px)
+    if base and row.get("ms_per_step"):
+        row["speedup_vs_fp16"] = round(base[0] / row["ms_per_step"], 3)
+        if base[1] and row.get("ms_per_step_graph"):
+            row["speedup_graph_vs_fp16"] = round(base[1] / row["ms_per_step_graph"], 3)
+    RESULT["rows"].append(row)
+    log(f"{row['variant']:22s} {px:5d}px  eager {row.get('ms_per_step')} ms  graph {row.get('ms_per_step_graph')} ms"
+        f"  x{row.get('speedup_vs_fp16')}  err {row.get('rel_err_vs_bf16')}  {row.get('reason', '')}"
+        f"{row.get('graph_failure', '')}")
+    write_outputs()
+
+
+def skipped(variant: str, reason: str):
+    for px in RESOLUTIONS:
+        finish_row({"model": MODEL_NAME, "resolution": px, "variant": variant, "ms_per_step": None,
+                    "speedup_vs_fp16": None, "reason": reason, "run": ARGS.run_tag or None})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention micro-benchmark
+# ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def attention_microbench():
+    import triton.testing as tt
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    F = torch.nn.functional
+    shapes = [("self 512px", 1024, 1024), ("self 1024px", 4096, 4096), ("cross 1024px", 4096, ARGS.tokens)]
+    modes = ["fp8", "int8", "int8_fp8pv", "fp8_bf16pv"]
+    for name, nq, nk in shapes:
+        g = torch.Generator(device="cpu").manual_seed(nq + nk)
+        qkv = torch.randn(2, nq, 3, HEADS, HIDDEN // HEADS, generator=g).to(DEV, DTYPE)
+        q = qkv[:, :, 0].transpose(1, 2)
+        kv = torch.randn(2, nk, 2, HEADS, HIDDEN // HEADS, generator=g).to(DEV, DTYPE) * 1.5
+        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+        ref = attention_exact(q.float(), k.float(), v.float())
+        flops = 4.0 * 2 * HEADS * nq * nk * (HIDDEN // HEADS)
+        row = {"shape": name, "B": 2, "H": HEADS, "Nq": nq, "Nk": nk, "D": HIDDEN // HEADS, "ms": {}, "rel_err": {},
+               "config": {}}
+        for label, backend in (("sdpa_default", None), ("sdpa_flash", SDPBackend.FLASH_ATTENTION),
+                               ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
+                               ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)):
+            try:
+                if backend is None:
+                    f = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+                else:
+                    def f(backend=backend):
+                        with sdpa_kernel(backend):
+                            return F.scaled_dot_product_attention(q, k, v)
+                o = f()
+                row["rel_err"][label] = rel_err(o, ref)
+                row["ms"][label] = tt.do_bench(f, warmup=10, rep=50, return_mode="median")
+            except Exception as e:
+                row["ms"][label] = None
+                row["rel_err"][label] = f"{type(e).__name__}: {str(e)[:120]}"
+        for mode in modes:
+            try:
+                o = triton_attention.attention(q, k, v, mode)
+                row["rel_err"][mode] = rel_err(o, ref)
+                row["ms"][mode] = tt.do_bench(lambda: triton_attention.attention(q, k, v, mode), warmup=10,
+                                              rep=50, return_mode="median")
+                key = [kk for kk in triton_attention.tuner.best if kk[:4] == (
+                    triton_attention._pow2_ceil(nq), triton_attention._pow2_ceil(nk), HIDDEN // HEADS, mode)]
+                row["config"][mode] = str(triton_attention.tuner.best.get(key[-1])) if key else None
+            except Exception as e:
+                row["ms"][mode] = None
+                row["rel_err"][mode] = f"{type(e).__name__}: {str(e)[:300]}"
+        sd = row["ms"].get("sdpa_default")
+        row["tflops"] = {kk: round(flops / (vv * 1e-3) / 1e12, 1) for kk, vv in row["ms"].items() if vv}
+        row["speedup_vs_sdpa"] = {kk: round(sd / vv, 3) for kk, vv in row["ms"].items() if vv and sd}
+        RESULT["attention_microbench"].append(row)
+        log(f"attention {name}: " + ", ".join(f"{kk} {vv:.3f}ms" for kk, vv in row["ms"].items() if vv) +
+            " | err " + ", ".join(f"{kk} {vv:.4f}" for kk, vv in row["rel_err"].items() if isinstance(vv, float)))
+    write_outputs()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# profiler breakdown
+# ---------------------------------------------------------------------------------------------------------------
+def kernel_kind(name: str) -> str:
+    n = name.lower()
+    if "_act_quant" in n:
+        return "act_quantize"
+    if "_attn_fwd" in n or "_kv_prep" in n or "flash" in n or "fmha" in n or "attention" in n or "sdpa" in n \
+            or "cudnn" in n and "attn" in n:
+        return "attention"
+    if "_qgemm" in n or "gemm" in n or "nvjet" in n or "cutlass" in n or "xmma" in n or "_int_mm" in n \
+            or "scaled_mm" in n or "cublas" in n or "sm90_" in n or "matmul" in n:
+        return "gemm"
+    if "layer_norm" in n or "layernorm" in n or "norm" in n:
+        return "norm"
+    if "gelu" in n:
+        return "gelu"
+    if n.startswith("triton_") or "fused" in n:
+        return "inductor_fused"
+    if "elementwise" in n or "vectorized" in n or "copy" in n or "cat" in n or "reduce" in n or "fill" in n:
+        return "elementwise_other"
+    return "other"
+
+
+@torch.no_grad()
+def profile_step(variant: str, model, px: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    x, t, ctx = inputs(px)
+    for _ in range(2):
+        model(x, t, ctx)
+    sync()
+    with profile(activities=[ProfilerActivity.CPU if SMOKE else ProfilerActivity.CUDA]) as prof:
+        model(x, t, ctx)
+        sync()
+    kinds, top = {}, {}
+    for ev in prof.key_averages():
+        dt = getattr(ev, "self_device_time_total", None)
+        if dt is None:
+            dt = getattr(ev, "self_cuda_time_total", 0)
+        if not dt or ev.key.startswith("ProfilerStep"):
+            continue
+        if getattr(ev, "device_type", None) is not None and "CUDA" not in str(ev.device_type) and not SMOKE:
+            continue
+        if SMOKE:
+            dt = ev.self_cpu_time_total
+        k = kernel_kind(ev.key)
+        kinds[k] = kinds.get(k, 0.0) + dt / 1e3
+        top[ev.key[:90]] = top.get(ev.key[:90], 0.0) + dt / 1e3
+    total = sum(kinds.values())
+    res = {"variant": variant, "resolution": px, "kernel_ms_total": round(total, 3),
+           "per_block_ms": {k: round(v / ARGS.depth, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+           "share": {k: round(v / total, 3) for k, v in kinds.items()} if total else {},
+           "top_kernels_ms": dict(sorted(((k, round(v, 3)) for k, v in top.items()), key=lambda kv: -kv[1])[:14])}
+    log(f"profile {variant} {px}px: total kernels {total:.2f} ms; per block " +
+        ", ".join(f"{k} {v:.3f}" for k, v in res["per_block_ms"].items()))
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# outputs
+# ---------------------------------------------------------------------------------------------------------------
+def write_outputs():
+    path = OUT / f"e2e_{GPU_TAG}.json"
+    RESULT["elapsed_s"] = round(elapsed(), 1)
+    path.write_text(json.dumps(RESULT, indent=1, default=str))
+    try:
+        plot(OUT / f"e2e_{GPU_TAG}.png")
+    except Exception as e:  # the plot must never lose the numbers
+        log(f"plot failed: {e}")
+
+
+def plot(path: pathlib.Path):
+    from PIL import Image, ImageDraw
+
+    rows = [r for r in RESULT["rows"] if r.get("speedup_vs_fp16")]
+    if not rows:
+        return
+    variants = list(dict.fromkeys(r["variant"] for r in RESULT["rows"]))
+    res = list(dict.fromkeys(r["resolution"] for r in RESULT["rows"]))
+    bar, gap, h = 14, 18, 300
+    width = 90 + len(variants) * (len(res) * 2 * bar + gap)
+    img = Image.new("RGB", (max(width, 700), h + 150), "white")
+    d = ImageDraw.Draw(img)
+    top = max(2.0, max(max(r.get("speedup_vs_fp16") or 0, r.get("speedup_graph_vs_fp16") or 0) for r in rows))
+    y0 = h + 20
+    d.text((10, 5), f"PixArt-Sigma-size DiT, one step, batch 2 (CFG), bf16 = 1.0 ({GPU}); solid: eager, light: "
+                    f"CUDA graph", fill="black")
+    colors = {512: ((60, 110, 200), (150, 180, 235)), 1024: ((200, 90, 60), (240, 170, 150))}
+    for target, color in ((1.0, "black"), (1.7, (0, 150, 0))):
+        yy = y0 - int((h - 20) * target / top)
+        d.line([(60, yy), (width, yy)], fill=color)
+        d.text((5, yy - 6), f"{target:.1f}x", fill=color)
+    for vi, v in enumerate(variants):
+        x = 80 + vi * (len(res) * 2 * bar + gap)
+        for ri, px in enumerate(res):
+            r = next((r for r in RESULT["rows"] if r["variant"] == v and r["resolution"] == px), None)
+            if r is None:
+                continue
+            for j, key in enumerate(("speedup_vs_fp16", "speedup_graph_vs_fp16")):
+                val = r.get(key)
+                xx = x + (ri * 2 + j) * bar
+                if not val:
+                    d.text((xx, y0 - 12), "-", fill="gray")
+                    continue
+                bh = int((h - 20) * val / top)
+                d.rectangle([xx, y0 - bh, xx + bar - 2, y0], fill=colors.get(px, ((90, 90, 90),) * 2)[j])
+        d.text((x, y0 + 6 + (vi % 3) * 12), v[:22], fill="black")
+    d.text((10, y0 + 50), "bars per variant: " + ", ".join(f"{px}px" for px in res) + " (eager, graph each)",
+           fill="black")
+    img.save(path)
+
+
+def print_table():
+    print("\nEnd-to-end, one denoising step (batch 2, bf16 baseline), " + GPU)
+    print(f"{'variant':22s} {'run':>3s} {'px':>5s} {'ms eager':>9s} {'x fp16':>7s} {'ms graph':>9s} {'x fp16':>7s} "
+          f"{'20 steps s':>10s} {'rel err':>8s}  note")
+    for r in RESULT["rows"]:
+        f = lambda v, fmt: (fmt % v) if isinstance(v, (int, float)) else "-"  # noqa: E731
+        print(f"{r['variant']:22s} {str(r.get('run') or '-'):>3s} {r['resolution']:5d} {f(r.get('ms_per_step'), '%9.3f')} "
+              f"{f(r.get('speedup_vs_fp16'), '%7.3f')} {f(r.get('ms_per_step_graph'), '%9.3f')} "
+              f"{f(r.get('speedup_graph_vs_fp16'), '%7.3f')} {f(r.get('seconds_20_steps'), '%10.3f')} "
+              f"{f(r.get('rel_err_vs_bf16'), '%8.4f')}  {(r.get('reason') or r.get('graph_failure') or '')[:60]}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def main():
+    log(f"{GPU}, torch {torch.__version__}, triton {RESULT.get('triton')}; variants {VARIANTS}; "
+        f"resolutions {RESOLUTIONS}")
+    if not ARGS.full_tune and not SMOKE:
+        restrict_tuners()
+    try:
+        if not SMOKE and not ARGS.no_attn_bench:
+            attention_microbench()
+    except Exception as e:
+        note(f"attention micro-benchmark failed: {type(e).__name__}: {e}")
+        traceback.print_exc()
+    model = build_fp_model()
+    names = block_linear_names(model)
+    RESULT["setup"].update({"depth": ARGS.depth, "hidden": HIDDEN, "heads": HEADS, "tokens": ARGS.tokens,
+                            "quantized_linears": len(names), "dtype": str(DTYPE), "reps": ARGS.reps,
+                            "steps": ARGS.steps})
+    log(f"built the {ARGS.depth}-block model ({len(names)} block linears)")
+    profiles = {}
+
+    def run_variant(v):
+        if elapsed() > ARGS.budget_s:
+            return skipped(v, f"skipped: the run's time budget ({ARGS.budget_s:.0f}s) was spent")
+        if v in COMPILED and elapsed() > ARGS.budget_s - ARGS.compile_reserve_s:
+            return skipped(v, f"skipped: less than {ARGS.compile_reserve_s:.0f}s of budget left for a compile")
+        t0 = time.time()
+        old, target, extra, opaque = None, model, {}, None
+        try:
+            if v in ("fp16", "fp16_compile", "fp16_attn_fp8"):
+                target = model if v != "fp16_compile" else compile_blocks(copy.deepcopy(model))
+                if v == "fp16_attn_fp8":
+                    set_pixart_attention(model, "fp8")
+            elif v in ("w8a8_int8", "w8a8_fp8", "w8a8_fp8_attn", "w8a8_full", "w4a8_plan"):
+                preset = {"w8a8_int8": "w8a8", "w4a8_plan": "w4a8"}.get(v, "w8a8-fp8")
+                plan = plan_mlp8(model) if v == "w4a8_plan" else None
+                layers, summary = build_quant_layers(model, get_preset(preset), None, plan, "auto")
+                old = replace_layers(model, layers)
+                extra = {"preset": preset, "calibrated": False, "quantized_linears": len(layers)}
+                if v in ("w8a8_fp8_attn", "w8a8_full"):
+                    set_pixart_attention(model, "fp8")
+                    extra["attention"] = "fp8"
+                if v == "w8a8_full":
+                    opaque = OpaqueKernels().__enter__()
+                    target = compile_blocks(copy.deepcopy(model))
+                    extra["fusion"] = ("Inductor-fused elementwise (LayerNorm+modulate, GELU, gate+residual): "
+                                       "torch.compile per block, our kernels opaque (torch.compiler.disable)")
+            elif v == "comfy_fp8_fast_equiv":
+                old = replace_layers(model, comfy_fp8_layers(model))
+            elif v.startswith("torchao"):
+                try:
+                    import torchao
+
+                    extra["torchao"] = torchao.__version__
+                    target = torchao_model(model, "int8" if "int8" in v else "fp8")
+                except Exception as e:
+                    return skipped(v, f"torchao unavailable or failed to quantize: {type(e).__name__}: {e}"[:400])
+                if v.endswith("_compile"):
+                    target = compile_blocks(target)
+            else:
+                return skipped(v, "unknown variant")
+            extra["setup_s"] = round(time.time() - t0, 1)
+            for px in RESOLUTIONS:
+                if elapsed() > ARGS.budget_s + 60:
+                    finish_row({"model": MODEL_NAME, "resolution": px, "variant": v, "ms_per_step": None,
+                                "speedup_vs_fp16": None, "reason": "skipped: time budget"})
+                    continue
+                try:
+                    finish_row(measure(v, target, px, dict(extra)))
+                except Exception as e:
+                    traceback.print_exc()
+                    finish_row({"model": MODEL_NAME, "resolution": px, "variant": v, "ms_per_step": None,
+                                "speedup_vs_fp16": None, "reason": f"{type(e).__name__}: {str(e)[:400]}"})
+            if v == "fp16" and not ARGS.no_profile and 1024 in RESOLUTIONS:
+                profiles["fp16"] = profile_step("fp16", target, 1024)
+            if v in ("w8a8_fp8_attn", "w8a8_full") and not ARGS.no_profile and 1024 in RESOLUTIONS \
+                    and elapsed() < ARGS.budget_s:
+                try:
+                    profiles[v] = profile_step(v, target, 1024)
+                except Exception as e:
+                    note(f"profile of {v} failed: {e}")
+            RESULT["profile"] = profiles
+            write_outputs()
+        except Exception as e:
+            traceback.print_exc()
+            skipped(v, f"setup failed: {type(e).__name__}: {str(e)[:400]}")
+        finally:
+            if opaque is not None:
+                opaque.__exit__(None, None, None)
+            set_pixart_attention(model, "off")
+            if old is not None:
+                replace_layers(model, old)
+            if target is not model:
+                del target
+            gc.collect()
+            if not SMOKE:
+                torch.cuda.empty_cache()
+            if v in COMPILED:
+                torch._dynamo.reset()
+
+    probed = False
+    for v in VARIANTS:
+        if v in COMPILED and not probed and not SMOKE and elapsed() < ARGS.budget_s - ARGS.compile_reserve_s:
+            probed = True
+            try:
+                RESULT["compile_and_graphs"]["probe_fullgraph"] = compile_probe(model)
+            except Exception as e:
+                note(f"compile probe failed: {type(e).__name__}: {e}")
+            gc.collect()
+            torch.cuda.empty_cache()
+        run_variant(v)
+        if v in COMPILED:
+            RESULT["compile_and_graphs"][v] = {
+                "graph_breaks": _graph_breaks(),
+                "rows": [{k: r.get(k) for k in ("resolution", "ms_per_step", "ms_per_step_graph", "graph_failure",
+                                                "reason")} for r in RESULT["rows"] if r["variant"] == v]}
+            write_outputs()
+    # what graphs and compile did for our layers, in words
+    for r in RESULT["rows"]:
+        if r.get("graph_failure"):
+            note(f"CUDA graph capture failed for {r['variant']} at {r['resolution']}px: {r['graph_failure']}")
+    RESULT["tuner"] = {"attention": {str(k): str(v) for k, v in triton_attention.tuner.best.items()}}
+    write_outputs()
+    print_table()
+
+
+def _graph_breaks():
+    try:
+        from torch._dynamo.utils import counters
+
+        gb = dict(counters.get("graph_break", {}))
+        counters.clear()
+        return {k[:200]: v for k, v in list(gb.items())[:12]}
+    except Exception as e:
+        return f"unavailable: {e}"
+
+
+if __name__ == "__main__":
+    if ARGS.merge:
+        merge_runs(ARGS.merge)
+        write_outputs()
+        print_table()
+    else:
+        main()

@@ -87,6 +87,18 @@ def server(tmp_path_factory):
     log.close()
 
 
+def _run_prompt(server, api: dict, timeout_s: float = 900) -> dict:
+    """Queue an API-format prompt and wait for its history entry."""
+    prompt_id = _post(server["url"] + "/prompt", {"prompt": api, "client_id": "vidit-q-test"})["prompt_id"]
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        hist = _get(f"{server['url']}/history/{prompt_id}")
+        if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
+            return hist[prompt_id]
+        time.sleep(2)
+    raise AssertionError("workflow did not finish:\n" + server["log"].read_text()[-3000:])
+
+
 def _tiny_version_of(api: dict) -> dict:
     """Point the shared workflow at the tiny checkpoint, stand-in text features, 512 px, 2 steps, no VAE."""
     api = json.loads(json.dumps(api))
@@ -115,16 +127,7 @@ def _tiny_version_of(api: dict) -> dict:
 
 def test_api_workflow_runs_headless_and_reports(server):
     api = _tiny_version_of(json.loads((WORKFLOWS / "pixart_w8a8_compare_api.json").read_text()))
-    prompt_id = _post(server["url"] + "/prompt", {"prompt": api, "client_id": "vidit-q-test"})["prompt_id"]
-    deadline = time.time() + 900
-    entry = None
-    while time.time() < deadline:
-        hist = _get(f"{server['url']}/history/{prompt_id}")
-        if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
-            entry = hist[prompt_id]
-            break
-        time.sleep(2)
-    assert entry is not None, "workflow did not finish:\n" + server["log"].read_text()[-3000:]
+    entry = _run_prompt(server, api)
     status = entry["status"]
     assert status["status_str"] == "success", json.dumps(status)[:3000]
     sampler_id = next(k for k, v in api.items() if v["class_type"] == "ViDiTQQuantizedSampler")
@@ -158,16 +161,7 @@ def _tiny_opensora_version_of(api: dict) -> dict:
 
 def test_opensora_api_workflow_runs_headless_and_reports(server):
     api = _tiny_opensora_version_of(json.loads((WORKFLOWS / "opensora_w8a8_compare_api.json").read_text()))
-    prompt_id = _post(server["url"] + "/prompt", {"prompt": api, "client_id": "vidit-q-test"})["prompt_id"]
-    deadline = time.time() + 900
-    entry = None
-    while time.time() < deadline:
-        hist = _get(f"{server['url']}/history/{prompt_id}")
-        if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
-            entry = hist[prompt_id]
-            break
-        time.sleep(2)
-    assert entry is not None, "workflow did not finish:\n" + server["log"].read_text()[-3000:]
+    entry = _run_prompt(server, api)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
     sampler_id = next(k for k, v in api.items() if v["class_type"] == "ViDiTQQuantizedSampler")
     report = json.loads("".join(entry["outputs"][sampler_id]["text"]))
@@ -188,16 +182,7 @@ def test_mixed_precision_api_workflow_runs_headless_and_reports(server):
     api = _tiny_version_of(json.loads((WORKFLOWS / "pixart_w4a8_mp_api.json").read_text()))
     planner_id = next(k for k, v in api.items() if v["class_type"] == "ViDiTQPlanner")
     api[api[planner_id]["inputs"]["latent_image"][0]]["inputs"].update(width=320, height=320)
-    prompt_id = _post(server["url"] + "/prompt", {"prompt": api, "client_id": "vidit-q-test"})["prompt_id"]
-    deadline = time.time() + 900
-    entry = None
-    while time.time() < deadline:
-        hist = _get(f"{server['url']}/history/{prompt_id}")
-        if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
-            entry = hist[prompt_id]
-            break
-        time.sleep(2)
-    assert entry is not None, "workflow did not finish:\n" + server["log"].read_text()[-3000:]
+    entry = _run_prompt(server, api)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
     sampler_id = next(k for k, v in api.items() if v["class_type"] == "ViDiTQQuantizedSampler")
     report = json.loads("".join(entry["outputs"][sampler_id]["text"]))

@@ -1,12 +1,11 @@
 """ViDiTQCalibrate: run real sampling with hooks on every quantizable linear -> VIDITQ_CALIB."""
 import logging
 
-import comfy.samplers
 from comfy_api.latest import io
 
 from ..quant_core import COND, UNCOND, Calibrator, describe_model
 from .comfy_glue import diffusion_model, ensure_not_quantized, fp_lookup, ksample
-from .types import CalibType
+from .types import CalibType, sampling_inputs
 
 log = logging.getLogger("vidit_q")
 
@@ -25,11 +24,7 @@ class ViDiTQCalibrate(io.ComfyNode):
                 io.Conditioning.Input("positive"),
                 io.Conditioning.Input("negative"),
                 io.Latent.Input("latent_image"),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
-                io.Int.Input("steps", default=20, min=1, max=10000),
-                io.Float.Input("cfg", default=4.5, min=0.0, max=100.0, step=0.1, round=0.01),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler"),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal"),
+                *sampling_inputs(),
                 io.Int.Input("timestep_buckets", default=4, min=1, max=64, optional=True,
                              tooltip="Equal ranges of the model's timestep axis that get separate statistics."),
             ],

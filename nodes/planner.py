@@ -3,14 +3,13 @@ import json
 import logging
 import os
 
-import comfy.samplers
 from comfy_api.latest import io, ui
 
 from ..quant_core import COND, UNCOND, PRESETS, QuantPlan, describe_model, get_preset
 from ..quant_core.fingerprint import check_fingerprint
 from ..quant_core.planner import BUDGET_UNITS, GRANULARITIES, PlannerSettings, allocate_plan, sensitivity_sweep
 from .comfy_glue import PREFIX, diffusion_model, ensure_not_quantized, fp_lookup, ksample
-from .types import CalibType, PlanType
+from .types import CalibType, PlanType, sampling_inputs
 
 log = logging.getLogger("vidit_q")
 PLAN_FOLDER = "vidit_q_plans"  # models/vidit_q_plans and output/vidit_q_plans (where the Planner saves)
@@ -162,11 +161,7 @@ class ViDiTQPlanner(io.ComfyNode):
                 io.Conditioning.Input("positive"),
                 io.Conditioning.Input("negative"),
                 io.Latent.Input("latent_image", tooltip="Smaller latents plan faster; the plan applies to any."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
-                io.Int.Input("steps", default=20, min=1, max=10000),
-                io.Float.Input("cfg", default=4.5, min=0.0, max=100.0, step=0.1, round=0.01),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler"),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal"),
+                *sampling_inputs(),
                 io.Float.Input("budget", default=5.0, min=0.0, max=1e6, step=0.05, round=0.001,
                                tooltip="Average weight bits (parameter-weighted), or GB of quantized weights."),
                 io.Combo.Input("budget_unit", options=list(BUDGET_UNITS), default="avg_bits"),

@@ -1,13 +1,13 @@
 """ViDiTQQuantizedSampler: sample the FP16 and the quantized model alike, compare, report."""
 import json
 
-import comfy.samplers
 from comfy_api.latest import io, ui
 
 from ..quant_core.metrics import compare
 from ..quant_core.temporal import frames_in_batch, temporal_metrics
-from .comfy_glue import ksample, quant_summary
 from ..quant_core.visualize import latent_preview, side_by_side
+from .comfy_glue import ksample, quant_summary
+from .types import sampling_inputs
 
 
 class ViDiTQQuantizedSampler(io.ComfyNode):
@@ -25,11 +25,7 @@ class ViDiTQQuantizedSampler(io.ComfyNode):
                 io.Conditioning.Input("positive"),
                 io.Conditioning.Input("negative"),
                 io.Latent.Input("latent_image"),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
-                io.Int.Input("steps", default=20, min=1, max=10000),
-                io.Float.Input("cfg", default=4.5, min=0.0, max=100.0, step=0.1, round=0.01),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler"),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal"),
+                *sampling_inputs(),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01),
                 io.Vae.Input("vae", optional=True, tooltip="Decode both results for the comparison image."),
             ],

@@ -66,10 +66,8 @@ def _sampling(seed=0, steps=20, cfg=4.5):
     return [("seed", seed), ("steps", steps), ("cfg", cfg), ("sampler_name", "euler"), ("scheduler", "normal")]
 
 
-def pixart_w8a8_compare() -> List[Node]:
-    prompt = "a photo of a red fox sitting in fresh snow, detailed fur, soft morning light"
-    cond = [("positive", "CONDITIONING", (3, 0)), ("negative", "CONDITIONING", (4, 0)),
-            ("latent_image", "LATENT", (5, 0))]
+def _pixart_inputs(prompt: str) -> List[Node]:
+    """Nodes 1-6 of the PixArt workflows: stock loaders (DiT, T5, SDXL VAE), prompts, a 1024 px latent."""
     return [
         Node(1, "UNETLoader", (20, 40), [("unet_name", "PixArt-Sigma-XL-2-1024-MS.safetensors"),
                                          ("weight_dtype", "default")], outputs=[("MODEL", "MODEL")]),
@@ -82,6 +80,14 @@ def pixart_w8a8_compare() -> List[Node]:
         Node(5, "EmptyLatentImage", (20, 420), [("width", 1024), ("height", 1024), ("batch_size", 1)],
              outputs=[("LATENT", "LATENT")]),
         Node(6, "VAELoader", (20, 600), [("vae_name", "sdxl_vae.safetensors")], outputs=[("VAE", "VAE")]),
+    ]
+
+
+def pixart_w8a8_compare() -> List[Node]:
+    prompt = "a photo of a red fox sitting in fresh snow, detailed fur, soft morning light"
+    cond = [("positive", "CONDITIONING", (3, 0)), ("negative", "CONDITIONING", (4, 0)),
+            ("latent_image", "LATENT", (5, 0))]
+    return _pixart_inputs(prompt) + [
         Node(7, "ViDiTQCalibrate", (740, 40), _sampling() + [("timestep_buckets", 4)],
              [("model", "MODEL", (1, 0))] + cond, [("calib", "VIDITQ_CALIB")], (320, 300)),
         Node(8, "ViDiTQQuantize", (740, 380), [("preset", "w8a8"), ("backend", "auto"), ("attention", "off")],
@@ -149,18 +155,7 @@ def pixart_w4a8_mp() -> List[Node]:
     Quantize with the plan (W4A8 + W8A8 layers on the kernels) -> compare with FP16 at 1024 px; heat map saved."""
     prompt = "a photo of a red fox sitting in fresh snow, detailed fur, soft morning light"
     cond = [("positive", "CONDITIONING", (3, 0)), ("negative", "CONDITIONING", (4, 0))]
-    return [
-        Node(1, "UNETLoader", (20, 40), [("unet_name", "PixArt-Sigma-XL-2-1024-MS.safetensors"),
-                                         ("weight_dtype", "default")], outputs=[("MODEL", "MODEL")]),
-        Node(2, "CLIPLoader", (20, 220), [("clip_name", "t5xxl_fp16.safetensors"), ("type", "pixart"),
-                                          ("device", "default")], outputs=[("CLIP", "CLIP")]),
-        Node(3, "CLIPTextEncode", (380, 40), [("text", prompt)], [("clip", "CLIP", (2, 0))],
-             [("CONDITIONING", "CONDITIONING")]),
-        Node(4, "CLIPTextEncode", (380, 240), [("text", "")], [("clip", "CLIP", (2, 0))],
-             [("CONDITIONING", "CONDITIONING")]),
-        Node(5, "EmptyLatentImage", (20, 420), [("width", 1024), ("height", 1024), ("batch_size", 1)],
-             outputs=[("LATENT", "LATENT")]),
-        Node(6, "VAELoader", (20, 600), [("vae_name", "sdxl_vae.safetensors")], outputs=[("VAE", "VAE")]),
+    return _pixart_inputs(prompt) + [
         Node(7, "ViDiTQCalibrate", (740, 40), _sampling() + [("timestep_buckets", 4)],
              [("model", "MODEL", (1, 0))] + cond + [("latent_image", "LATENT", (5, 0))],
              [("calib", "VIDITQ_CALIB")], (320, 300)),

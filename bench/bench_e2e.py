@@ -66,6 +66,7 @@ def _parse():
                    help="let the kernel tuners time every candidate (default: a short list, to fit a device lease)")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--no-attn-bench", action="store_true", help="skip the attention micro-benchmark")
+    p.add_argument("--no-launch-bench", action="store_true", help="skip the host launch-overhead micro-benchmark")
     p.add_argument("--run-tag", default="", help="written into every row (several device runs merged later)")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="CPU: merge result files of several runs (rows keep their run tag and their own run's fp16 "
@@ -620,6 +621,64 @@ def attention_microbench():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# host (Python + launch) cost of one linear call: what eager sampling pays per layer when the GPU keeps up
+# ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def launch_overhead(model, tokens: int = 256, calls: int = 300) -> dict:
+    """Host microseconds per call (no sync inside the loop; a small M so the GPU never holds the host back) of
+    F.linear, our QuantLinear on its cached plan, the same call re-planned every time (what every call cost before
+    plans), and the two bare Triton launches of a plan (Triton's own launch cost). Layer: blocks.0.attn.proj."""
+    F = torch.nn.functional
+    name = [n for n in block_linear_names(model) if n.endswith("attn.proj")][0]
+    lin = model.get_submodule(name)
+    k, n = lin.in_features, lin.out_features
+    x = torch.randn(tokens, k, device=DEV, dtype=DTYPE)
+    out = {"layer": name, "tokens": tokens, "K": k, "N": n, "calls": calls}
+
+    def host_us(fn):
+        fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        t1 = time.perf_counter()
+        sync()
+        return round((t1 - t0) / calls * 1e6, 2)
+
+    out["F.linear_us"] = host_us(lambda: F.linear(x, lin.weight, lin.bias))
+    for preset in ("w8a8", "w8a8-fp8", "w4a8"):
+        try:
+            layers, _ = build_quant_layers(model, get_preset(preset), None, None, "auto")
+            ql = layers[name]
+            ql(x)
+            out[f"{preset}_plan_us"] = host_us(lambda: ql(x))
+            wdata = ql.quantized_weight().data
+
+            def replanned():
+                wdata._viditq_plans = {}
+                return ql(x)
+            out[f"{preset}_replanned_us"] = host_us(replanned)
+            plan = next(iter(wdata._viditq_plans.values()))
+            q = torch.empty((tokens, k), device=DEV, dtype=plan.qdtype)
+            sc = torch.empty((tokens,), device=DEV, dtype=torch.float32)
+            qsum = torch.empty((tokens, plan.qsum_cols), device=DEV, dtype=torch.int32) if plan.qsum_cols else None
+            c = torch.empty((tokens, n), device=DEV, dtype=DTYPE)
+            mv = ql.act_mult if ql.act_mult is not None else sc
+
+            def bare():
+                plan.aq(x, mv, q, sc, sc if qsum is None else qsum, sc, tokens, 0 if qsum is None else qsum.stride(0))
+                plan.gemm(q, sc, qsum, sc if ql.bias is None else ql.bias, c, tokens)
+            out[f"{preset}_bare_launches_us"] = host_us(bare)
+        except Exception as e:
+            traceback.print_exc()
+            out[f"{preset}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    log(f"launch overhead (host us per call): {out}")
+    RESULT["launch_overhead"] = out
+    write_outputs()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # profiler breakdown
 # ---------------------------------------------------------------------------------------------------------------
 def kernel_kind(name: str) -> str:
@@ -763,6 +822,11 @@ def main():
                             "steps": ARGS.steps})
     log(f"built the {ARGS.depth}-block model ({len(names)} block linears)")
     profiles = {}
+    if not SMOKE and not ARGS.no_launch_bench:
+        try:
+            launch_overhead(model)
+        except Exception as e:
+            note(f"launch overhead bench failed: {type(e).__name__}: {e}")
 
     def run_variant(v):
         if elapsed() > ARGS.budget_s:

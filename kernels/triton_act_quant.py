@@ -492,6 +492,10 @@ def _act_quant_kernel(X, MULT, HMAT, Q, SCALE, QSUM, SSCALE,
         tl.store(QSUM + rows * stride_sm, rowsum, mask=rmask)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv costs ~5 us per call on the host (a constexpr function); launches use this
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -706,14 +710,72 @@ def _sm_count(device_str: str) -> int:
 PERM_MODES = {False: 0, None: 0, 0: 0, True: 1, 1: 1, "parity": 1, 2: 2, "perm32": 2}
 
 
+@functools.lru_cache(maxsize=512)
+def launcher(c, k, dtype, device_str, had_block, pr, qmax, fmt, common_items):
+    """The launch of candidate `c` for one row shape, everything that does not depend on the call's tensors
+    bound once: returns fn(x2, mult_or_scale, q, scale, qsum_or_scale, sscale, m, stride_sm) -> compiled kernel.
+    (Cached: a layer's steady-state call then costs two allocations and this one launch.)"""
+    common = dict(common_items)
+    has_had = had_block > 1
+    inv_sqrt_h = 1.0 / (had_block ** 0.5) if has_had else 1.0
+    fmax = FP8_E4M3_MAX if fmt == "fp8" else float(qmax)
+    dev = torch.device(device_str)
+    if c[0] in ("flat", "chunk"):
+        _, bb, nw, occ, cw, pf, st = c
+        hdt = {0: dtype, 1: torch.float16, 2: torch.bfloat16}[pr]
+        hmat = _pm1_hadamard(cw, had_block, device_str, hdt) if has_had else None
+        cap = 2 if INTERPRET else _num_sms(dev) * occ  # persistent programs
+        if c[0] == "flat":
+            nb = k // cw
+            t = bb // nb
+            kw = dict(BB=bb, CW=cw, NB=nb, T=t, TP=_next_pow2(t), PREC=pr, PREFETCH=bool(pf) and occ > 0,
+                      num_warps=nw, num_stages=st, **common)
+
+            def fn(x2, mv, q, scale, qs, sscale, m, stride_sm):
+                ntiles = _cdiv(m, t)
+                progs = ntiles if occ == 0 else min(ntiles, cap)
+                return _aq_flat_kernel[(progs,)](x2, mv, scale if hmat is None else hmat, q, scale, qs, sscale, m,
+                                                 k, x2.stride(0), q.stride(0), stride_sm, inv_sqrt_h, qmax, fmax,
+                                                 progs, **kw)
+            return fn
+        kw = dict(BLOCK_M=bb, CW=cw, PREC=pr, ONE_PASS=common["STATIC"] or k <= cw, EVEN_K=k % cw == 0,
+                  PREFETCH=pf, num_warps=nw, num_stages=st, **common)
+
+        def fn(x2, mv, q, scale, qs, sscale, m, stride_sm):
+            progs = min(_cdiv(m, bb), cap)
+            return _aq_chunk_kernel[(progs,)](x2, mv, scale if hmat is None else hmat, q, scale, qs, sscale, m, k,
+                                              x2.stride(0), q.stride(0), stride_sm, inv_sqrt_h, qmax, fmax, progs,
+                                              **kw)
+        return fn
+    # legacy whole-row kernel
+    _, bm, bk, nw = c
+    hd = max(had_block, 16) if has_had else 16
+    hmat = _pm1_hadamard(hd, had_block, device_str) if has_had else None
+    flags = dict(common, HD=hd, SPLIT=dtype != torch.bfloat16 or common["HAS_MULT"], num_warps=nw)
+    if bk == -1:
+        p = (row_pieces(k) or ()) + (0,) * 4
+        flags.update(BLOCK_M=bm, BLOCK_K=p[0], ONE_CHUNK=True, P0=p[0], P1=p[1], P2=p[2], P3=p[3])
+    else:
+        bk = bk or max(_next_pow2(k), hd, 16)
+        flags.update(BLOCK_M=bm, BLOCK_K=bk, ONE_CHUNK=bk >= k)
+
+    def fn(x2, mv, q, scale, qs, sscale, m, stride_sm):
+        return _act_quant_kernel[(_cdiv(m, bm),)](x2, mv, scale if hmat is None else hmat, q, scale, qs,
+                                                         sscale, m, k, x2.stride(0), q.stride(0), stride_sm,
+                                                         inv_sqrt_h, qmax, fmax, **flags)
+    return fn
+
+
 def quantize_activation(x, mult=None, had_block=0, fmt="int8", qmax=127, static_scale=None, sum_group=0,
-                        out=None, perm=False, prec=None):
+                        out=None, perm=False, prec=None, return_launch=False):
     """Triton twin of reference.quantize_activation; None when the combination has no kernel.
 
     `out` may pass preallocated (q, scale, qsum) buffers. `perm` (int8 only, for the W4A8 GEMM) reorders each
     token's codes: True / "parity": channels 0, 2, 4, ... in q[:, :K/2] and 1, 3, 5, ... in q[:, K/2:];
     "perm32": within every 32 channels, the 16 even ones then the 16 odd ones (K % 32 == 0). Scale and qsum are
     unchanged. `prec` ("exact" / "fast") overrides VIDITQ_HAD_PREC (see HAD_PREC_DEFAULT).
+    return_launch: also return the tuned launch for this row shape, fn(x2, mult_or_scale, q, scale, qsum_or_scale,
+    sscale, m, stride_sm) (see `launcher`), so a caller can skip this setup on its next calls.
     """
     global last_kernel, last_config
     k = x.shape[-1]
@@ -732,63 +794,24 @@ def quantize_activation(x, mult=None, had_block=0, fmt="int8", qmax=127, static_
         scale = torch.empty((m,), device=dev, dtype=torch.float32)
         qsum = torch.empty((m, k // sum_group), device=dev, dtype=torch.int32) if sum_group else None
     if m == 0:
-        return QuantizedActivation(q=q, scale=scale, qsum=qsum)
+        a = QuantizedActivation(q=q, scale=scale, qsum=qsum)
+        return (a, None) if return_launch else a
     has_had = had_block > 1
     has_mult = mult is not None
     if has_mult and (mult.device != dev or not mult.is_contiguous() or mult.dim() != 1):
         mult = mult.reshape(-1).to(device=dev).contiguous()
     pr = had_precision(x2.dtype, has_mult, prec) if has_had else 0
     sscale = static_scale.reshape(-1)[:1].to(device=dev, dtype=torch.float32) if static_scale is not None else scale
-    fmax = FP8_E4M3_MAX if fmt == "fp8" else float(qmax)
     row_sum = bool(sum_group) and sum_group == k
     static = static_scale is not None
     common = dict(HAS_MULT=has_mult, HAS_HAD=has_had, IS_FP8=fmt == "fp8", FP8_SOFT=INTERPRET, STATIC=static,
                   SUM_G=int(sum_group), ROW_SUM=row_sum, DOT_F32=INTERPRET, PERM=perm)
-    inv_sqrt_h = 1.0 / (had_block ** 0.5) if has_had else 1.0
-    nsm = _num_sms(dev)
+    setup = (k, x2.dtype, str(dev), had_block, pr, float(qmax), fmt, tuple(common.items()))
+    args = (x2, mult if has_mult else scale, q, scale, qsum if qsum is not None else scale, sscale, m,
+            qsum.stride(0) if qsum is not None else 0)
 
     def launch(c):
-        if c[0] == "flat":
-            _, bb, nw, occ, cw, pf, st = c
-            hdt = {0: x2.dtype, 1: torch.float16, 2: torch.bfloat16}[pr]
-            hmat = _pm1_hadamard(cw, had_block, str(dev), hdt) if has_had else scale
-            nb = k // cw
-            t = bb // nb
-            ntiles = triton.cdiv(m, t)
-            progs = ntiles if occ == 0 else min(ntiles, 2 if INTERPRET else nsm * occ)
-            return _aq_flat_kernel[(progs,)](
-                x2, mult if has_mult else scale, hmat, q, scale, qsum if qsum is not None else scale, sscale,
-                m, k, x2.stride(0), q.stride(0), qsum.stride(0) if qsum is not None else 0, inv_sqrt_h,
-                float(qmax), fmax, progs, BB=bb, CW=cw, NB=nb, T=t, TP=_next_pow2(t), PREC=pr,
-                PREFETCH=bool(pf) and occ > 0, num_warps=nw, num_stages=st, **common)
-        if c[0] == "chunk":
-            _, bm, nw, occ, cw, pf, st = c
-            hdt = {0: x2.dtype, 1: torch.float16, 2: torch.bfloat16}[pr]
-            hmat = _pm1_hadamard(cw, had_block, str(dev), hdt) if has_had else scale
-            nblocks = triton.cdiv(m, bm)
-            progs = min(nblocks, 2 if INTERPRET else nsm * occ)
-            return _aq_chunk_kernel[(progs,)](
-                x2, mult if has_mult else scale, hmat, q, scale, qsum if qsum is not None else scale, sscale,
-                m, k, x2.stride(0), q.stride(0), qsum.stride(0) if qsum is not None else 0, inv_sqrt_h,
-                float(qmax), fmax, progs, BLOCK_M=bm, CW=cw, PREC=pr, ONE_PASS=static or k <= cw,
-                EVEN_K=k % cw == 0, PREFETCH=pf, num_warps=nw, num_stages=st, **common)
-        # legacy whole-row kernel
-        _, bm, bk, nw = c
-        hd = max(had_block, 16) if has_had else 16
-        hmat = _pm1_hadamard(hd, had_block, str(dev)) if has_had else scale
-        split = x2.dtype != torch.bfloat16 or has_mult
-        args = (x2, mult if has_mult else scale, hmat, q, scale, qsum if qsum is not None else scale, sscale,
-                m, k, x2.stride(0), q.stride(0), qsum.stride(0) if qsum is not None else 0, inv_sqrt_h,
-                float(qmax), fmax)
-        flags = dict(common, HD=hd, SPLIT=split)
-        if bk == -1:
-            p = (row_pieces(k) or ()) + (0,) * 4
-            return _act_quant_kernel[(triton.cdiv(m, bm),)](*args, BLOCK_M=bm, BLOCK_K=p[0], num_warps=nw,
-                                                            ONE_CHUNK=True, P0=p[0], P1=p[1], P2=p[2], P3=p[3],
-                                                            **flags)
-        bk = bk or max(_next_pow2(k), hd, 16)
-        return _act_quant_kernel[(triton.cdiv(m, bm),)](*args, BLOCK_M=bm, BLOCK_K=bk, num_warps=nw,
-                                                        ONE_CHUNK=bk >= k, **flags)
+        return launcher(c, *setup)(*args)
 
     key = (k, m_bucket(m), x2.dtype, str(dev), had_block, pr, os.environ.get(_LEGACY_ENV, "")) + \
         tuple(common.values())
@@ -802,4 +825,5 @@ def quantize_activation(x, mult=None, had_block=0, fmt="int8", qmax=127, static_
     tuner.inherit.setdefault(base, c)
     last_config = c
     last_kernel = launch(c)
-    return QuantizedActivation(q=q, scale=scale, qsum=qsum)
+    a = QuantizedActivation(q=q, scale=scale, qsum=qsum)
+    return (a, launcher(c, *setup)) if return_launch else a

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_act_quant import INTERPRET, Tuner, m_bucket
+from .triton_act_quant import INTERPRET, Tuner, _cdiv, m_bucket
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -576,7 +576,67 @@ def supported(a_fmt: str, w) -> bool:
     return False
 
 
-def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False):
+def launcher(cfg, wd, ws, wz, n, k, group_k, has_zero, has_bias, magic, u4, perm_mode, device_str, flag_items):
+    """The launch of GEMM candidate `cfg` with everything but the call's activation and output bound once (the
+    weight's tensor descriptor included): fn(q, a_scale, a_qsum, bias_or_scale, c, m) -> compiled kernel.
+    Not cached here: it holds the weight; callers keep it as long as they keep the weight."""
+    kind, bm, bn, bk, gm, st, nw = cfg
+    flags = dict(flag_items)
+    use_qsum = has_zero or u4  # the epilogue reads the per-token code sums (else a.scale stands in, unread)
+    stride_ws = ws.stride(0) if group_k else 0
+    nsm = _device_info(device_str)[1]
+    w_int4 = flags["W_INT4"]
+    if kind.startswith("swap"):
+        kw = dict(GROUP_K=group_k, HAS_ZERO=has_zero, HAS_BIAS=has_bias, MAGIC=magic, U4=u4, MERGE=perm_mode == 2,
+                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_stages=st, num_warps=nw)
+        if kind == "swap":
+            def fn(q, a_scale, a_qsum, bias_t, c, m):
+                qs, stride_qs = (a_qsum, a_qsum.stride(0)) if use_qsum else (a_scale, 0)
+                grid = (_cdiv(m, bm) * _cdiv(n, bn),)
+                return _w4_swap_kernel[grid](q, wd, c, a_scale, ws, wz, qs, bias_t, m, n, k, q.stride(0),
+                                             wd.stride(0), c.stride(0), stride_ws, stride_qs, **kw)
+            return fn
+        b_desc = _weight_desc(wd, n, bn, bk // 2)
+        a_kb = bk if perm_mode == 2 else bk // 2
+        epi_tma = kind.startswith("swapts")
+        per_sm = 2 if kind.endswith("2") else 1
+
+        def fn(q, a_scale, a_qsum, bias_t, c, m):
+            qs, stride_qs = (a_qsum, a_qsum.stride(0)) if use_qsum else (a_scale, 0)
+            a_desc = TensorDescriptor(q, [m, k], [q.stride(0), 1], [bm, a_kb])
+            c_arg = TensorDescriptor(c, [m, n], [c.stride(0), 1], [bm, bn]) if epi_tma else c
+            progs = min(nsm * per_sm, _cdiv(m, bm) * _cdiv(n, bn))
+            return _w4_swap_tma_kernel[(progs,)](a_desc, b_desc, c_arg, a_scale, ws, wz, qs, bias_t, m, n, k,
+                                                 c.stride(0), stride_ws, stride_qs, progs, EPI_TMA=epi_tma, **kw)
+        return fn
+    if kind == "ptr":
+        kw = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, EVEN_K=k % bk == 0, num_stages=st, num_warps=nw,
+                  **flags)
+
+        def fn(q, a_scale, a_qsum, bias_t, c, m):
+            qs, stride_qs = (a_qsum, a_qsum.stride(0)) if use_qsum else (a_scale, 0)
+            grid = (_cdiv(m, bm) * _cdiv(n, bn),)
+            return _qgemm_kernel[grid](q, wd, c, a_scale, ws, wz, qs, bias_t, m, n, k, q.stride(0), wd.stride(0),
+                                       c.stride(0), stride_ws, stride_qs, **kw)
+        return fn
+    kb = bk // 2 if w_int4 else bk
+    a_kb = kb if perm_mode == 1 else bk
+    b_desc = _weight_desc(wd, n, bn, kb)
+    epi_tma = kind.startswith("tmas")
+    per_sm = 2 if kind.endswith("2") else 1
+    kw = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, EPI_TMA=epi_tma, num_stages=st, num_warps=nw, **flags)
+
+    def fn(q, a_scale, a_qsum, bias_t, c, m):
+        qs, stride_qs = (a_qsum, a_qsum.stride(0)) if use_qsum else (a_scale, 0)
+        a_desc = TensorDescriptor(q, [m, k], [q.stride(0), 1], [bm, a_kb])
+        c_arg = TensorDescriptor(c, [m, n], [c.stride(0), 1], [bm, bn]) if epi_tma else c
+        progs = min(nsm * per_sm, _cdiv(m, bm) * _cdiv(n, bn))
+        return _qgemm_tma_kernel[(progs,)](a_desc, b_desc, c_arg, a_scale, ws, wz, qs, bias_t, m, n, k,
+                                           c.stride(0), stride_ws, stride_qs, progs, **kw)
+    return fn
+
+
+def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False, return_launch=False):
     """Triton twin of reference.quantized_matmul(a, w, bias, out_dtype); None when no kernel fits.
 
     a_perm: int4 only; the layout `a.q` holds the codes in (triton_act_quant.quantize_activation(perm=...)):
@@ -605,13 +665,10 @@ def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False):
     dev = q.device
     c = out if out is not None else torch.empty((m, n), device=dev, dtype=out_dtype)
     if m == 0 or n == 0:
-        return c
+        return (c, None) if return_launch else c
     wd = w.data if w.data.is_contiguous() else w.data.contiguous()
     ws = w.scale.float().contiguous()
     wz = w.zero.float().contiguous() if has_zero else ws
-    qs = a.qsum if (has_zero or u4) else a.scale
-    stride_qs = qs.stride(0) if (has_zero or u4) else 0
-    stride_ws = ws.stride(0) if group_k else 0
     bias_t = bias.contiguous() if bias is not None else a.scale
     w_int4 = w.fmt == "int4"
     is_fp8 = a_fmt == "fp8"
@@ -626,49 +683,15 @@ def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False):
     tma = tma_ok(dev) and q.data_ptr() % 16 == 0 and wd.data_ptr() % 16 == 0 and k % 16 == 0 and \
         (wd.shape[1] * wd.element_size()) % 16 == 0
     tma_store = tma and c.data_ptr() % 16 == 0 and (c.stride(0) * c.element_size()) % 16 == 0 and c.stride(1) == 1
-    nsm = _device_info(str(dev))[1]
+    setup = (wd, ws, wz, n, k, group_k, has_zero, bias is not None, magic, u4, perm_mode, str(dev),
+             tuple(flags.items()))
 
     def launch(cfg):
-        kind, bm, bn, bk, gm, st, nw = cfg
-        if kind.startswith("swap"):
-            sflags = dict(GROUP_K=group_k, HAS_ZERO=has_zero, HAS_BIAS=bias is not None, MAGIC=magic, U4=u4,
-                          MERGE=perm_mode == 2)
-            if kind == "swap":
-                grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-                return _w4_swap_kernel[grid](
-                    q, wd, c, a.scale, ws, wz, qs, bias_t, m, n, k, q.stride(0), wd.stride(0), c.stride(0),
-                    stride_ws, stride_qs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_stages=st,
-                    num_warps=nw, **sflags)
-            a_desc = TensorDescriptor(q, [m, k], [q.stride(0), 1], [bm, bk if perm_mode == 2 else bk // 2])
-            b_desc = _weight_desc(wd, n, bn, bk // 2)
-            epi_tma = kind.startswith("swapts")
-            c_arg = TensorDescriptor(c, [m, n], [c.stride(0), 1], [bm, bn]) if epi_tma else c
-            tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-            progs = min(nsm * (2 if kind.endswith("2") else 1), tiles)
-            return _w4_swap_tma_kernel[(progs,)](
-                a_desc, b_desc, c_arg, a.scale, ws, wz, qs, bias_t, m, n, k, c.stride(0), stride_ws, stride_qs,
-                progs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, EPI_TMA=epi_tma, num_stages=st,
-                num_warps=nw, **sflags)
-        if kind == "ptr":
-            grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-            return _qgemm_kernel[grid](
-                q, wd, c, a.scale, ws, wz, qs, bias_t, m, n, k, q.stride(0), wd.stride(0), c.stride(0),
-                stride_ws, stride_qs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, EVEN_K=k % bk == 0,
-                num_stages=st, num_warps=nw, **flags)
-        kb = bk // 2 if w_int4 else bk
-        a_desc = TensorDescriptor(q, [m, k], [q.stride(0), 1], [bm, kb if perm_mode == 1 else bk])
-        b_desc = _weight_desc(wd, n, bn, kb)
-        epi_tma = kind.startswith("tmas")
-        c_arg = TensorDescriptor(c, [m, n], [c.stride(0), 1], [bm, bn]) if epi_tma else c
-        tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-        progs = min(nsm * (2 if kind.endswith("2") else 1), tiles)
-        return _qgemm_tma_kernel[(progs,)](
-            a_desc, b_desc, c_arg, a.scale, ws, wz, qs, bias_t, m, n, k, c.stride(0), stride_ws, stride_qs, progs,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, EPI_TMA=epi_tma, num_stages=st, num_warps=nw, **flags)
+        return launcher(cfg, *setup)(q, a.scale, a.qsum, bias_t, c, m)
 
     key = (m_bucket(m), n, k, str(dev), out_dtype, bias_t.dtype, tma, tma_store, os.environ.get(_KINDS_ENV, ""),
            u4, perm_mode) + tuple(flags.values())
     cfg = tuner.pick(key, candidates(m, n, k, w_int4, group_k, tma, tma_store, perm_mode), launch)
     last_config = cfg
     last_kernel = launch(cfg)
-    return c
+    return (c, launcher(cfg, *setup)) if return_launch else c

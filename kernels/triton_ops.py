@@ -115,9 +115,77 @@ def _check_speed(x2, w, m, k, n, act_fmt, run):
                     f"fastest quantized kernel")
 
 
+# Environment variables that change which kernels a call takes: a layer keeps one plan per their values.
+_PLAN_ENV = ("VIDITQ_W4_PERM", "VIDITQ_W4_U4", "VIDITQ_W4_LAYOUT", "VIDITQ_TUNE", _aq.HAD_PREC_ENV, _aq._LEGACY_ENV,
+             _gemm._KINDS_ENV)
+
+
+class LinearPlan:
+    """A layer's tuned call for one token-count bucket: two allocations, the quantize launch, the output allocation
+    and the GEMM launch, with every choice (kernels, configs, int4 layout, weight descriptor) made once.
+
+    Eager ComfyUI sampling calls each linear once per step with the same shapes; the first call at a bucket takes the
+    full path (checks, tuning, the speed note) and leaves a plan on the weight tensor, the later ones run this.
+    """
+
+    __slots__ = ("aq", "gemm", "k", "n", "qdtype", "qsum_cols")
+
+    def __init__(self, aq, gemm, k, n, qdtype, qsum_cols):
+        self.aq, self.gemm, self.k, self.n, self.qdtype, self.qsum_cols = aq, gemm, k, n, qdtype, qsum_cols
+
+    def __call__(self, x2, mult, bias, static_scale):
+        m = x2.shape[0]
+        dev = x2.device
+        q = torch.empty((m, self.k), device=dev, dtype=self.qdtype)
+        scale = torch.empty((m,), device=dev, dtype=torch.float32)
+        qsum = torch.empty((m, self.qsum_cols), device=dev, dtype=torch.int32) if self.qsum_cols else None
+        sscale = scale if static_scale is None else static_scale.reshape(-1)[:1].to(device=dev, dtype=torch.float32)
+        self.aq(x2, scale if mult is None else mult, q, scale, scale if qsum is None else qsum, sscale, m,
+                0 if qsum is None else qsum.stride(0))
+        c = torch.empty((m, self.n), device=dev, dtype=x2.dtype)
+        self.gemm(q, scale, qsum, scale if bias is None else bias, c, m)
+        return c
+
+
+try:  # os.environ.get encodes the key on every call (~1 us); its backing dict is read directly, same values
+    _ENV_DATA, _ENV_KEYS = os.environ._data, tuple(os.environ.encodekey(k) for k in _PLAN_ENV)
+except AttributeError:  # another Python: the public way
+    _ENV_DATA, _ENV_KEYS = os.environ, _PLAN_ENV
+
+
+def _plan_key(x2, bias, mult, had_block, act_fmt, act_qmax, static_scale, sum_group):
+    m = x2.shape[0]
+    return (min(1 << (m - 1).bit_length(), 65536), x2.dtype, x2.device, None if bias is None else bias.dtype,
+            mult is None, static_scale is None, had_block, act_fmt, act_qmax, sum_group,
+            tuple(map(_ENV_DATA.get, _ENV_KEYS)))
+
+
+def _plans_of(wdata):
+    """The plans kept on the weight tensor itself (freed with it; a moved or reloaded weight starts afresh)."""
+    plans = getattr(wdata, "_viditq_plans", None)
+    if plans is None:
+        plans = {}
+        try:
+            wdata._viditq_plans = plans
+        except Exception:  # tensor subclasses that refuse attributes: no plans
+            pass
+    return plans
+
+
 def quant_linear(x, w, bias, mult=None, had_block=0, act_fmt="int8", act_qmax=127, static_scale=None,
                  sum_group=0):
     """y[M, N] = dequant(quantize(x)) @ dequant(w)^T + bias in x's dtype, or None if no kernel fits."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    forced = _aq.tuner.force is not None or _gemm.tuner.force is not None
+    if not forced and x2.shape[0]:
+        plans = getattr(w.data, "_viditq_plans", None)
+        if plans:
+            plan = plans.get(_plan_key(x2, bias, mult, had_block, act_fmt, act_qmax, static_scale, sum_group))
+            if plan is not None:
+                return plan(x2, mult, bias, static_scale)
     if act_fmt == "fp8" and not fp8_ok(x.device):
         _note_once(f"fp8 GEMM needs an sm89+ GPU; {x.device} uses the torch reference")
         return None
@@ -125,8 +193,6 @@ def quant_linear(x, w, bias, mult=None, had_block=0, act_fmt="int8", act_qmax=12
         _note_once(f"no Triton GEMM for activations {act_fmt} x weights {w.fmt} (group {w.group_size}, "
                    f"zero={'yes' if w.zero is not None else 'no'}); using the torch reference")
         return None
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return None
     if not _aq.supported(x2, had_block, act_fmt, sum_group):
@@ -144,9 +210,16 @@ def quant_linear(x, w, bias, mult=None, had_block=0, act_fmt="int8", act_qmax=12
         if not sg and os.environ.get("VIDITQ_W4_U4", "1") != "0":
             sg = w.group_size or k
 
-    def run_with(layout):
-        a = _aq.quantize_activation(x2, mult, had_block, act_fmt, act_qmax, static_scale, sg, perm=layout)
-        return _gemm.quantized_matmul(a, w, bias, x.dtype, a_perm=layout)
+    def run_with(layout, return_launch=False):
+        a = _aq.quantize_activation(x2, mult, had_block, act_fmt, act_qmax, static_scale, sg, perm=layout,
+                                    return_launch=return_launch)
+        if not return_launch:
+            return _gemm.quantized_matmul(a, w, bias, x.dtype, a_perm=layout)
+        if a is None:
+            return None, None, None, None
+        a, aq_fn = a
+        y, gemm_fn = _gemm.quantized_matmul(a, w, bias, x.dtype, a_perm=layout, return_launch=True) or (None, None)
+        return y, aq_fn, gemm_fn, a
 
     if perm:
         perm = _w4_layout(x2, w, k, run_with)
@@ -154,9 +227,16 @@ def quant_linear(x, w, bias, mult=None, had_block=0, act_fmt="int8", act_qmax=12
     def run():
         return run_with(perm)
 
-    y = run()
+    y, aq_fn, gemm_fn, a = run_with(perm, return_launch=True)
     if y is not None and x2.is_cuda and not _aq.INTERPRET:
         _check_speed(x2, w, x2.shape[0], k, w.out_features, act_fmt, run)
+    # keep the plan only where the steady-state call needs no conversion the full path made
+    plain_mult = mult is None or (mult.dim() == 1 and mult.is_contiguous() and mult.device == x2.device)
+    plain_bias = bias is None or bias.is_contiguous()
+    if y is not None and aq_fn is not None and gemm_fn is not None and not forced and plain_mult and plain_bias:
+        qsum_cols = 0 if a.qsum is None else a.qsum.shape[1]
+        _plans_of(w.data)[_plan_key(x2, bias, mult, had_block, act_fmt, act_qmax, static_scale, sum_group)] = \
+            LinearPlan(aq_fn, gemm_fn, k, w.out_features, a.q.dtype, qsum_cols)
     return y
 
 

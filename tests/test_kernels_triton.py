@@ -411,6 +411,38 @@ def test_quant_linear_fp8_end_to_end():
     assert rel_err(y, r) < 1e-2
 
 
+@pytest.mark.parametrize("fmt,group,asym,had,static", [
+    ("int8", 0, True, 128, False), ("int4", 0, False, 64, False), ("int4", 64, True, 0, False),
+    ("int8", 0, False, 16, True), pytest.param("fp8", 0, False, 64, False, marks=fp8_only)])
+def test_quant_linear_plan_reuse(fmt, group, asym, had, static, monkeypatch):
+    """The second call at a token bucket runs the layer's cached plan (no checks, no tuning), with the same results
+    as the full path, for another token count in the bucket; an env var that changes the kernels makes a new plan."""
+    k, n = 256, 72
+    w = make_w(n, k, fmt, group, asym)
+    mult = torch.rand(k) + 0.5
+    bias = torch.randn(n).to(torch.bfloat16)
+    ss = torch.tensor([0.05]) if static else None
+    sg = (group or k) if asym else 0
+    act = "fp8" if fmt == "fp8" else "int8"
+
+    def check(m, seed):
+        x = make_x(m, k, torch.float32, seed=seed).to(torch.bfloat16)
+        y = triton_ops.quant_linear(x, w, bias, mult, had, act, 127, ss, sg)
+        r = reference.quantized_matmul(reference.quantize_activation(x, mult, had, act, 127, ss, sg), w, bias,
+                                       torch.float64)
+        assert rel_err(y, r) < (1e-2 if fmt == "fp8" else max(OUT_TOL[torch.bfloat16], 3e-3))
+
+    check(7, 1)
+    assert len(w.data._viditq_plans) == 1
+    monkeypatch.setattr(triton_ops._gemm, "supported", lambda *a: pytest.fail("the full path ran again"))
+    check(5, 2)  # bucket 8 again: the plan
+    check(8, 3)
+    monkeypatch.undo()
+    monkeypatch.setenv("VIDITQ_GEMM_KINDS", "ptr")
+    check(6, 4)
+    assert len(w.data._viditq_plans) == 2
+
+
 def test_quant_linear_unsupported_is_none():
     x = torch.randn(4, 192)
     assert triton_ops.quant_linear(x, make_w(8, 192, "int8"), None, None, 0, "fp8", 127, None, 0) is None

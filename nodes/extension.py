@@ -8,6 +8,7 @@ from .quantize import ViDiTQQuantize
 from .opensora_nodes import (EmptyOpenSoraLatent, OpenSoraFlowShift, OpenSoraNullConditioning, OpenSoraVAEDecode,
                              ViDiTQOpenSoraLoader, ViDiTQOpenSoraVAELoader, ViDiTQSaveVideo)
 from .sampler import ViDiTQQuantizedSampler
+from .scorers import ViDiTQClipScorer, ViDiTQImageScorer
 from .text_encoder_int8 import ViDiTQTextEncoderInt8
 
 
@@ -16,4 +17,5 @@ class ViDiTQExtension(ComfyExtension):
         return [ViDiTQCalibrate, ViDiTQQuantize, ViDiTQQuantizedSampler,
                 ViDiTQSaveQuantized, ViDiTQLoadQuantized, ViDiTQTextEncoderInt8,
                 ViDiTQOpenSoraLoader, ViDiTQOpenSoraVAELoader, EmptyOpenSoraLatent, OpenSoraVAEDecode,
-                OpenSoraNullConditioning, OpenSoraFlowShift, ViDiTQSaveVideo, ViDiTQPlanner, ViDiTQLoadPlan]
+                OpenSoraNullConditioning, OpenSoraFlowShift, ViDiTQSaveVideo, ViDiTQPlanner, ViDiTQLoadPlan,
+                ViDiTQClipScorer, ViDiTQImageScorer]

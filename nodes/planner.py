@@ -7,9 +7,12 @@ from comfy_api.latest import io, ui
 
 from ..quant_core import COND, UNCOND, PRESETS, QuantPlan, describe_model, get_preset
 from ..quant_core.fingerprint import check_fingerprint
-from ..quant_core.planner import BUDGET_UNITS, GRANULARITIES, PlannerSettings, allocate_plan, sensitivity_sweep
+from ..quant_core.planner import (BUDGET_UNITS, EXTERNAL_HEADLINE, GRANULARITIES, PlannerSettings, allocate_plan,
+                                  sensitivity_sweep)
+from ..quant_core.sensitivity import METRIC_TITLES
 from .comfy_glue import PREFIX, diffusion_model, ensure_not_quantized, fp_lookup, ksample
-from .types import CalibType, PlanType, sampling_inputs
+from .scorer_glue import check_scorer_for, vae_decoder
+from .types import CalibType, PlanType, ScorerType, sampling_inputs
 
 log = logging.getLogger("vidit_q")
 PLAN_FOLDER = "vidit_q_plans"  # models/vidit_q_plans and output/vidit_q_plans (where the Planner saves)
@@ -132,14 +135,16 @@ def _summary_text(result) -> str:
              f"{info['units']} units ({info['granularity']}) x {info['timestep_ranges']} timestep ranges, "
              f"{info['runs']} sampling runs, {info['seconds']:.1f} s"
              + (" (sensitivity sweep reused)" if info.get("sweep_reused") else "")]
+    lines += [f"{METRIC_TITLES.get(m, m)}: {how}" for m, how in info.get("scorers", {}).items()]
     if ev:
         lines.append("vs FP16          latent PSNR dB   guidance cosine   guidance rel. err")
         rows = [("plan", ev["plan"]), ("uniform low", ev["uniform_low"])]
         rows += [(f"random #{i + 1}", r) for i, r in enumerate(ev.get("random", []))]
         for label, m in rows:
+            extra = "".join(f"   {name} {m[key]:{form}}" for key, name, form in
+                            (("image_ssim", "SSIM", ".4f"),) + EXTERNAL_HEADLINE if key in m)
             lines.append(f"{label:16s} {m.get('latent_psnr_db', 0):14.2f} {m.get('guidance_cosine', 0):17.5f} "
-                         f"{m.get('guidance_rel_err', 0):19.4f}"
-                         + (f"   SSIM {m['image_ssim']:.4f}" if "image_ssim" in m else ""))
+                         f"{m.get('guidance_rel_err', 0):19.4f}" + extra)
     return "\n".join(lines)
 
 
@@ -152,8 +157,9 @@ class ViDiTQPlanner(io.ComfyNode):
             category="ViDiT-Q",
             description="Finds which layers need 8-bit weights: samples once in FP16, then once per layer (or "
                         "block) and timestep range with only that part at low bits, scores cross-attention by "
-                        "text alignment (the CFG guidance direction), self-attention/MLP by visual fidelity, and "
-                        "gives 8 bits to the most sensitive until the budget is met.",
+                        "text alignment (the CFG guidance direction, or a CLIP score with a text_scorer), "
+                        "self-attention/MLP by visual fidelity (the latent, or decoded pictures with a VAE or a "
+                        "visual_scorer), and gives 8 bits to the most sensitive until the budget is met.",
             inputs=[
                 io.Model.Input("model", tooltip="The FP16 PixArt model (from UNETLoader)."),
                 CalibType.Input("calib", optional=True, tooltip="From ViDiT-Q Calibrate: plans with the same "
@@ -178,6 +184,14 @@ class ViDiTQPlanner(io.ComfyNode):
                 io.String.Input("filename_prefix", default="vidit_q_plans/pixart_plan", optional=True,
                                 tooltip="Save the plan JSON under output/ (empty: do not save); "
                                         "ViDiT-Q Load Plan lists output/vidit_q_plans and models/vidit_q_plans."),
+                ScorerType.Input("text_scorer", optional=True,
+                                 tooltip="From ViDiT-Q CLIP Scorer: scores text alignment (cross-attention) by the "
+                                         "CLIP score of the decoded pictures instead of the guidance-direction "
+                                         "proxy."),
+                ScorerType.Input("visual_scorer", optional=True,
+                                 tooltip="From ViDiT-Q Image Scorer: scores visual fidelity (self-attention, MLP) on "
+                                         "decoded pictures instead of the built-in proxy (replaces the SSIM of "
+                                         "the vae input too)."),
             ],
             outputs=[
                 PlanType.Output(display_name="plan"),
@@ -190,8 +204,14 @@ class ViDiTQPlanner(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, budget,
                 budget_unit, timestep_ranges, per_range_plan, granularity, low_preset, calib=None, vae=None,
-                filename_prefix="vidit_q_plans/pixart_plan") -> io.NodeOutput:
+                filename_prefix="vidit_q_plans/pixart_plan", text_scorer=None, visual_scorer=None) -> io.NodeOutput:
         ensure_not_quantized(model, "ViDiT-Q Planner")
+        scorers = {}
+        for metric, socket, scorer in (("text", "text_scorer", text_scorer), ("visual", "visual_scorer",
+                                                                                visual_scorer)):
+            if scorer is not None:
+                check_scorer_for(scorer, metric, socket, latent_image["samples"])
+                scorers[metric] = scorer
         low = get_preset(low_preset)
         _, variant, layers, fingerprint = describe_model(diffusion_model(model), fp_lookup(model))
         if calib is not None:
@@ -199,15 +219,11 @@ class ViDiTQPlanner(io.ComfyNode):
         runner = ComfyRunner(model, dict(seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
                                          scheduler=scheduler, positive=positive, negative=negative,
                                          latent_image=latent_image))
-        decode = None
-        if vae is not None:
-            def decode(latent):
-                img = vae.decode(latent)
-                return img.reshape(-1, *img.shape[-3:]).float().cpu()
+        decode = vae_decoder(vae, "ViDiT-Q Planner") if vae is not None else None
         ms = model.get_model_object("model_sampling")
         settings = PlannerSettings(budget=budget, budget_unit=budget_unit, timestep_ranges=timestep_ranges,
                                    per_range=per_range_plan, granularity=granularity, seed=seed,
-                                   num_timesteps=float(getattr(ms, "num_timesteps", 1000)))
+                                   num_timesteps=float(getattr(ms, "num_timesteps", 1000)), scorers=scorers)
         step = {"next": 0.1}
 
         def progress(done, total):
@@ -215,7 +231,7 @@ class ViDiTQPlanner(io.ComfyNode):
                 log.info("ViDiT-Q planner: %d/%d sensitivity runs", done, total)
                 step["next"] = done / total + 0.1
 
-        key_objects = (model, positive, negative, latent_image, calib, vae)
+        key_objects = (model, positive, negative, latent_image, calib, vae, text_scorer, visual_scorer)
         key_values = (seed, steps, cfg, sampler_name, scheduler, timestep_ranges, granularity, low_preset,
                       json.dumps(fingerprint, sort_keys=True))
         sweep = _SWEEP_CACHE.get(key_objects, key_values)

@@ -4,6 +4,8 @@ from comfy_api.latest import io
 
 CalibType = io.Custom("VIDITQ_CALIB")
 PlanType = io.Custom("VIDITQ_PLAN")
+# an external scorer: damage(FP16 run, test run) replacing one of the planner's built-in proxies (quant_core.sensitivity)
+ScorerType = io.Custom("VIDITQ_SCORER")
 
 
 def sampling_inputs() -> list:

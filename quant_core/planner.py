@@ -21,6 +21,12 @@ pass over all remaining items, again by decreasing score, spends what the shares
 item fits: the budget is never exceeded and met as closely as the item sizes allow. Ties break by model order;
 the whole planner is deterministic for a seed (which only drives the random-allocation baseline).
 
+External scorers (PlannerSettings.scorers, metric -> damage(reference Trace, test Trace)) replace a metric's
+built-in proxy everywhere the sweep uses it: every trial, the uniform low-bit normaliser, hence the allocation;
+their report numbers (an optional `metrics(ref, test)`) join the evaluation, and the plan, the heat map and the
+report name the scorer of every metric (sensitivity.ClipScoreScorer / ImageScorer build them from a VAE and a
+CLIP model; the ComfyUI node takes them from ViDiT-Q CLIP Scorer / Image Scorer).
+
 Budgets. "avg_bits": parameter-weighted average weight bits, per model call (so a per-range plan counts each
 range by the number of sampling steps in it). "memory_gb": bytes of stored quantized weights (10^9 bytes per
 GB) with their scales; a per-range plan that uses both bit widths for a layer stores both.
@@ -40,8 +46,8 @@ from .calibration import CalibrationData, bucket_edges
 from .config import QuantConfig
 from .plan import QuantPlan
 from .quant_linear import QuantLinear, RangeClock, TimestepSwitchLinear, range_clock_of
-from .sensitivity import (METRIC_OF_GROUP, METRICS, TraceSession, Trace, all_metrics, damages, headline,
-                          render_heatmap)
+from .sensitivity import (BUILT_IN_DAMAGE, METRIC_OF_GROUP, METRIC_TITLES, METRICS, TraceSession, Trace, all_metrics,
+                          damages, headline, render_heatmap, scorer_label, scorer_metrics)
 
 log = logging.getLogger("vidit_q")
 
@@ -62,6 +68,11 @@ class Unit:
     params: int
 
 
+def describe_scorers(metrics, scorers: Dict[str, Callable]) -> Dict[str, str]:
+    """metric -> what scores it: "external: <the scorer's label>" or the built-in proxy's description."""
+    return {m: (f"external: {scorer_label(scorers[m])}" if m in scorers else BUILT_IN_DAMAGE[m]) for m in metrics}
+
+
 @dataclass
 class PlannerSettings:
     budget: float = 5.0
@@ -80,10 +91,14 @@ class PlannerSettings:
     # CLIPScore drop on trace.images for "text"); used for the sweep, the normaliser and the allocation
     scorers: Dict[str, Callable[[Trace, Trace], float]] = field(default_factory=dict)
 
-    def damages(self, ref: Trace, test: Trace) -> Dict[str, float]:
+    def damages(self, ref: Trace, test: Trace, scorers: Optional[Dict[str, Callable]] = None) -> Dict[str, float]:
+        """The built-in damages with the external scorers' in place of theirs (scorers: default self.scorers)."""
         d = damages(ref, test)
-        for metric, scorer in self.scorers.items():
-            d[metric] = max(0.0, float(scorer(ref, test)))
+        for metric, scorer in (self.scorers if scorers is None else scorers).items():
+            value = float(scorer(ref, test))
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError(f"the external {metric} scorer ({scorer_label(scorer)}) returned {value}")
+            d[metric] = max(0.0, value)
         return d
 
     def check(self, low: QuantConfig) -> None:
@@ -97,6 +112,10 @@ class PlannerSettings:
         if not low.enabled or low.w_bits >= self.high_bits:
             problems.append(f"the low-precision preset must have fewer weight bits than {self.high_bits} "
                             f"(got {low.name!r} with {low.w_bits})")
+        unknown = sorted(set(self.scorers) - set(METRICS))
+        if unknown:
+            problems.append(f"scorers are keyed by the metric they replace, one of {METRICS}; got {unknown}")
+        problems += [f"the {m} scorer is not callable" for m, f in self.scorers.items() if not callable(f)]
         if self.budget_unit == "avg_bits" and not (low.w_bits <= self.budget):
             problems.append(f"an average of {self.budget} weight bits is below the low precision ({low.w_bits})")
         if problems:
@@ -116,6 +135,7 @@ class PlanResult:
     evaluation: Dict
     seconds: float
     runs: int
+    scorers: Dict[str, str] = field(default_factory=dict)  # metric -> its external scorer's label
 
     def heatmap(self) -> torch.Tensor:
         n = len(self.steps_per_range)
@@ -130,21 +150,33 @@ class PlanResult:
                  f"{self.runs} runs, {self.seconds:.1f} s",
                  "cells: log damage of each metric (vs uniform low bits) when only this row is low in that "
                  f"timestep range ({ranges}); own metric bright"]
+        for m in self.metrics:
+            if m in self.scorers:
+                title.append(f"{m}* scored by {self.scorers[m]} (external scorer, replaces the built-in proxy)")
         ev = self.evaluation
         if ev:
             def fmt(m):
                 text = f"PSNR {m.get('latent_psnr_db', 0):.2f} dB, guidance cos {m.get('guidance_cosine', 0):.5f}"
                 if "frame_diff_rel_err" in m:
                     text += f", frame-diff err {m['frame_diff_rel_err']:.4f}"
+                for key, label, form in EXTERNAL_HEADLINE:
+                    if key in m:
+                        text += f", {label} {m[key]:{form}}"
                 return text
             title.append(f"plan: {fmt(ev['plan'])} | uniform: {fmt(ev['uniform_low'])}")
         bits = self.bits if self.plan.range_layers else self.bits[:, :1]
         return render_heatmap([u.name for u in self.units], [u.group for u in self.units], self.metrics, rel,
-                              [u.metric for u in self.units], bits, labels, title)
+                              [u.metric for u in self.units], bits, labels, title,
+                              metric_labels=[m + "*" if m in self.scorers else m for m in self.metrics])
 
     def summary(self) -> Dict:
         return {"budget": self.plan.budget, "planner": self.plan.info.get("planner"),
                 "evaluation": self.evaluation}
+
+
+# report numbers of the external scorers shown next to the built-in ones: (key, label, format)
+EXTERNAL_HEADLINE = (("clip_score", "CLIP score", ".2f"), ("scored_image_ssim", "SSIM", ".4f"),
+                     ("scored_image_psnr_db", "image PSNR", ".2f"), ("clip_image_cosine", "CLIP image cos", ".5f"))
 
 
 # -- units ----------------------------------------------------------------------------------------------------
@@ -415,6 +447,15 @@ class Sweep:
     key: Tuple  # (low preset, timestep ranges, granularity, num_timesteps): what allocations must match
     runs: int
     seconds: float
+    scorers: Dict[str, Callable] = field(default_factory=dict)  # the external scorers the damages came from
+
+
+def _report(ref: Trace, trace: Trace, scorers: Dict[str, Callable]) -> Dict[str, float]:
+    """The headline numbers of a run vs FP16: the built-in metrics and every external scorer's."""
+    out = headline(all_metrics(ref, trace))
+    for scorer in scorers.values():
+        out.update(scorer_metrics(scorer, ref, trace))
+    return out
 
 
 def _run(runner: Runner, modules, session: TraceSession, decode: Optional[Decode]) -> Trace:
@@ -451,6 +492,12 @@ def sensitivity_sweep(layers: "OrderedDict[str, Tuple[nn.Linear, str]]", fingerp
                         "using visual fidelity", unit.name)
             unit.metric = "visual"
     metrics = [m for m in METRICS if m != "temporal" or is_video]
+    scorers = {m: f for m, f in settings.scorers.items() if m in metrics}
+    for m in settings.scorers:
+        if m not in metrics:
+            log.warning("ViDiT-Q planner: the external %s scorer is not used: this model has no %s metric", m, m)
+    for m, f in scorers.items():
+        log.info("ViDiT-Q planner: %s scored by %s", METRIC_TITLES.get(m, m), scorer_label(f))
 
     # sweep switches: variant 0 = the FP linear, variant 1 = fake-quant low bits
     clock = RangeClock(R, nt)
@@ -479,7 +526,7 @@ def sensitivity_sweep(layers: "OrderedDict[str, Tuple[nn.Linear, str]]", fingerp
             finally:
                 for name in unit.layers:
                     switches[name].choice[r] = 0
-            d = settings.damages(ref, trace)
+            d = settings.damages(ref, trace, scorers)
             for mi, m in enumerate(metrics):
                 damage[ui, mi, r] = d.get(m, 0.0)
             done += 1
@@ -489,23 +536,31 @@ def sensitivity_sweep(layers: "OrderedDict[str, Tuple[nn.Linear, str]]", fingerp
 
     # uniform low bits on the kernel path: the normaliser of every metric, and the baseline of the report
     uniform = run(kernel_modules(layers, low, None, calib, settings.backend), TraceSession(R, nt))
-    uniform_damage = settings.damages(ref, uniform)
+    uniform_damage = settings.damages(ref, uniform, scorers)
     score = torch.zeros(len(units), R, dtype=torch.float64)
     for ui, unit in enumerate(units):
         mi = metrics.index(unit.metric)
         norm = uniform_damage.get(unit.metric, 0.0)
         score[ui] = damage[ui, mi] / norm if norm > 0 else damage[ui, mi]
+    for m in {u.metric for u in units}:
+        own = [ui for ui, u in enumerate(units) if u.metric == m]
+        if uniform_damage.get(m, 0.0) <= 0 and float(damage[own, metrics.index(m)].max()) > 0:
+            log.warning("ViDiT-Q planner: uniform low bits cause no %s damage (%s), so its units' scores are not "
+                        "normalised and compare badly with the other metrics'", m,
+                        describe_scorers([m], scorers)[m])
     return Sweep(units=units, metrics=metrics, damage=damage, uniform_damage=uniform_damage,
-                 uniform_metrics=headline(all_metrics(ref, uniform)), score=score,
+                 uniform_metrics=_report(ref, uniform, scorers), score=score,
                  steps_per_range=steps_per_range, overhead=overhead, reference=ref, fingerprint=fingerprint,
-                 key=(low.name, R, settings.granularity, nt), runs=runs, seconds=time.perf_counter() - t_start)
+                 key=(low.name, R, settings.granularity, nt), runs=runs, seconds=time.perf_counter() - t_start,
+                 scorers=scorers)
 
 
 def allocate_plan(sweep: Sweep, layers: "OrderedDict[str, Tuple[nn.Linear, str]]", runner: Optional[Runner],
                   low: QuantConfig, calib: Optional[CalibrationData] = None,
                   settings: Optional[PlannerSettings] = None, decode: Optional[Decode] = None) -> PlanResult:
     """Bits for a budget from a sweep, the plan, and (settings.evaluate) the plan and random allocations of the
-    same budget run on the kernel path against the sweep's FP16 reference."""
+    same budget run on the kernel path against the sweep's FP16 reference (reported with the sweep's external
+    scorers' numbers; settings.scorers is not used here: the scores are the sweep's)."""
     settings = settings or PlannerSettings()
     settings.check(low)
     key = (low.name, settings.timestep_ranges, settings.granularity, settings.num_timesteps)
@@ -529,7 +584,7 @@ def allocate_plan(sweep: Sweep, layers: "OrderedDict[str, Tuple[nn.Linear, str]]
         mods = kernel_modules(layers, low, p, calib, settings.backend)
         runs += 1
         trace = _run(runner, mods, TraceSession(R, nt, clock=range_clock_of(mods)), decode)
-        return headline(all_metrics(ref, trace))
+        return _report(ref, trace, sweep.scorers)
 
     evaluation = {}
     if settings.evaluate:
@@ -557,6 +612,7 @@ def allocate_plan(sweep: Sweep, layers: "OrderedDict[str, Tuple[nn.Linear, str]]
             "steps_per_range": sweep.steps_per_range, "units": len(units), "runs": sweep.runs + runs,
             "seconds": seconds, "sweep_seconds": sweep.seconds, "seed": settings.seed, "low_preset": low.name,
             "metric_of_group": {u.group: u.metric for u in units}, "uniform_damage": sweep.uniform_damage,
+            "scorers": describe_scorers(sweep.metrics, sweep.scorers),
             "allocation": "groups share the extra budget in proportion to their summed normalised sensitivity; "
                           "within a group the most sensitive get the high bits first; leftovers by sensitivity",
         },
@@ -571,7 +627,7 @@ def allocate_plan(sweep: Sweep, layers: "OrderedDict[str, Tuple[nn.Linear, str]]
     return PlanResult(plan=plan, units=units, metrics=sweep.metrics, damage=sweep.damage,
                       uniform_damage=sweep.uniform_damage, score=sweep.score, bits=alloc.bits,
                       steps_per_range=sweep.steps_per_range, evaluation=evaluation, seconds=seconds,
-                      runs=sweep.runs + runs)
+                      runs=sweep.runs + runs, scorers={m: scorer_label(f) for m, f in sweep.scorers.items()})
 
 
 def plan_mixed_precision(layers: "OrderedDict[str, Tuple[nn.Linear, str]]", fingerprint: Dict, runner: Runner,

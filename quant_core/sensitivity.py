@@ -10,13 +10,18 @@ downloads):
 Every metric also has a "damage" (>= 0, 0 = identical to FP16, roughly additive over independent errors):
 the squared relative error, or 1 - SSIM for images. Sensitivities and budgets are computed on damages.
 
+External scorers replace a proxy's damage with one measured by models outside the DiT (PlannerSettings.scorers):
+ClipScoreScorer (text alignment: CLIP score of the decoded pictures against the prompt, vs FP16's) and
+ImageScorer (visual fidelity: SSIM / PSNR of the decoded pictures, or their CLIP image-embedding drift). They
+take the models as plain callables (decode, encode_image, a text embedding), so this module stays pure torch.
+
 A TraceSession sits between a sampler and its model for one sampling run: it sets the timestep range clock
 before each call, records each call's output per CFG branch, and (for planner trials) returns the FP16
 reference's cached output for the calls that precede the first quantized timestep range (their inputs are
 identical to the reference's, so they need no compute).
 """
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -61,6 +66,8 @@ class Trace:
     images: Optional[torch.Tensor] = None  # decoded final latent, IMAGE layout [B, H, W, 3] in 0..1
     computed_calls: int = 0
     skipped_calls: int = 0
+    # per-run work of external scorers (decoded pictures, embeddings), so each is done once per run
+    memo: Dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def steps_per_range(self, num_ranges: int) -> List[int]:
         counts = [0] * num_ranges
@@ -244,6 +251,176 @@ def headline(metrics: Dict[str, Dict[str, float]]) -> Dict[str, float]:
     return flat
 
 
+# -- external scorers -----------------------------------------------------------------------------------------
+BUILT_IN_DAMAGE = {
+    "visual": "built-in proxy: final latent vs FP16, squared relative error (1 - SSIM of the pictures when the "
+              "planner has a VAE)",
+    "text": "built-in proxy: CFG guidance direction eps_cond - eps_uncond vs FP16, mean squared relative error",
+    "temporal": "built-in proxy: frame-to-frame differences of the video latent vs FP16, squared relative error",
+}
+
+
+def scorer_label(scorer) -> str:
+    """What a report calls an external scorer: its `label`, else its function or class name."""
+    return str(getattr(scorer, "label", None) or getattr(scorer, "__name__", None) or type(scorer).__name__)
+
+
+def scorer_metrics(scorer, ref: "Trace", test: "Trace") -> Dict[str, float]:
+    """The report numbers of an external scorer (its optional `metrics(ref, test)`), {} for a bare callable."""
+    fn = getattr(scorer, "metrics", None)
+    return {k: float(v) for k, v in fn(ref, test).items()} if callable(fn) else {}
+
+
+class ExternalScorer:
+    """damage(reference Trace, test Trace) >= 0 measured on the decoded final latent by models outside the DiT.
+
+    decode: latent -> pictures [N, H, W, 3] in 0..1 (video frames flattened into N). Decoding and embedding are
+    memoised on the Trace: the FP16 reference is decoded once per sweep, and a run scored for the damage and
+    then for the report is decoded once. `metric` is the family it replaces by default; `label` names it in
+    reports and on the heat map.
+    """
+
+    metric = "visual"
+
+    def __init__(self, decode: Callable[[torch.Tensor], torch.Tensor], label: Optional[str] = None):
+        self._decode = decode
+        self._token = object()  # memo key: unique while any memo holds it
+        self.label = label or type(self).__name__
+
+    def _memo(self, trace: "Trace", what: str, compute: Callable[[], Any]) -> Any:
+        key = (self._token, what)
+        if key not in trace.memo:
+            trace.memo[key] = compute()
+        return trace.memo[key]
+
+    def images(self, trace: "Trace") -> torch.Tensor:
+        def decode():
+            img = self._decode(trace.final)
+            if not torch.is_tensor(img) or img.ndim != 4 or img.shape[-1] != 3:
+                shape = tuple(img.shape) if torch.is_tensor(img) else type(img).__name__
+                raise ValueError(f"{self.label}: decode must give pictures [N, H, W, 3], got {shape}")
+            return img.detach().float().cpu()
+        return self._memo(trace, "images", decode)
+
+    def evaluate(self, ref: "Trace", test: "Trace") -> Tuple[float, Dict[str, float]]:
+        raise NotImplementedError
+
+    def __call__(self, ref: "Trace", test: "Trace") -> float:
+        return self.evaluate(ref, test)[0]
+
+    def metrics(self, ref: "Trace", test: "Trace") -> Dict[str, float]:
+        return self.evaluate(ref, test)[1]
+
+    def _paired(self, ref: torch.Tensor, test: torch.Tensor, what: str) -> None:
+        if ref.shape != test.shape:
+            raise ValueError(f"{self.label}: the {what} of the FP16 run {tuple(ref.shape)} and of the test run "
+                             f"{tuple(test.shape)} differ (the runs must sample the same latent)")
+
+
+class _EmbeddingScorer(ExternalScorer):
+    """Adds unit-length embeddings [N, D] of the decoded pictures (e.g. CLIP vision image_embeds)."""
+
+    def __init__(self, decode, encode_image: Callable[[torch.Tensor], torch.Tensor], label=None):
+        super().__init__(decode, label)
+        self._encode = encode_image
+
+    def embeds(self, trace: "Trace") -> torch.Tensor:
+        def encode():
+            img = self.images(trace)
+            e = self._encode(img)
+            if not torch.is_tensor(e) or e.ndim != 2 or e.shape[0] != img.shape[0]:
+                shape = tuple(e.shape) if torch.is_tensor(e) else type(e).__name__
+                raise ValueError(f"{self.label}: encode_image must give one embedding per picture "
+                                 f"[{img.shape[0]}, D], got {shape}")
+            e = e.detach().double().cpu()
+            if not torch.isfinite(e).all():
+                raise ValueError(f"{self.label}: the image encoder gave non-finite embeddings")
+            return F.normalize(e, dim=-1)
+        return self._memo(trace, "embeds", encode)
+
+
+CLIP_DAMAGES = ("score_change", "score_drop")
+
+
+class ClipScoreScorer(_EmbeddingScorer):
+    """Text alignment: CLIP score = 100 cos(image embedding, text embedding) of every decoded picture (every
+    frame of a video: CLIPSIM), the quantized run's vs the FP16 run's.
+
+    damage "score_change" (default): mean over pictures of (cos_test - cos_fp16)^2. Squared like the built-in
+    damages (never negative, additive over independent errors in expectation); a rise counts too, because the
+    planner aims at FP16's picture and, for one prompt and seed, a rise or a fall of the same size is equally
+    likely to be noise. "score_drop": max(0, mean cos_fp16 - mean cos_test): only a loss counts (what CLIPScore
+    evaluations report); with few samples many units score 0 by chance, and if the uniform low-bit model does
+    not lower the score the metric has no normaliser.
+    """
+
+    metric = "text"
+
+    def __init__(self, decode, encode_image, text_embeds: torch.Tensor, damage: str = "score_change", label=None):
+        super().__init__(decode, encode_image, label)
+        if damage not in CLIP_DAMAGES:
+            raise ValueError(f"damage must be one of {CLIP_DAMAGES}, got {damage!r}")
+        t = torch.as_tensor(text_embeds).detach().double().cpu().reshape(-1)
+        if not torch.isfinite(t).all() or float(t.norm()) == 0.0:
+            raise ValueError(f"{self.label}: the text embedding is zero or not finite")
+        self.text = F.normalize(t, dim=0)
+        self.damage = damage
+
+    def cosines(self, trace: "Trace") -> torch.Tensor:
+        e = self.embeds(trace)
+        if e.shape[1] != self.text.shape[0]:
+            raise ValueError(f"{self.label}: image embeddings are {e.shape[1]}-d, the text embedding is "
+                             f"{self.text.shape[0]}-d: the two encoders are not a CLIP pair")
+        return e @ self.text
+
+    def evaluate(self, ref, test):
+        a, b = self.cosines(ref), self.cosines(test)
+        self._paired(a, b, "CLIP scores")
+        if self.damage == "score_change":
+            damage = float(((b - a) ** 2).mean())
+        else:
+            damage = max(0.0, float(a.mean() - b.mean()))
+        return damage, {"clip_score": 100 * float(b.mean()), "clip_score_fp16": 100 * float(a.mean()),
+                        "clip_score_change": 100 * float(b.mean() - a.mean())}
+
+
+IMAGE_DAMAGES = ("ssim", "psnr", "clip_image")
+
+
+class ImageScorer(_EmbeddingScorer):
+    """Visual fidelity on the decoded pictures, the quantized run's vs the FP16 run's.
+
+    kind "ssim": damage 1 - SSIM. "psnr": damage = mean squared error of the pictures (0..1; PSNR = -10 log10 of
+    it), additive over independent errors. "clip_image": damage = mean 1 - cos of the CLIP image embeddings
+    (how far each picture moved in CLIP's space, about half the squared angle); needs encode_image.
+    """
+
+    metric = "visual"
+
+    def __init__(self, decode, kind: str = "ssim", encode_image=None, label=None):
+        super().__init__(decode, encode_image, label)
+        if kind not in IMAGE_DAMAGES:
+            raise ValueError(f"kind must be one of {IMAGE_DAMAGES}, got {kind!r}")
+        if kind == "clip_image" and encode_image is None:
+            raise ValueError(f"{self.label}: kind 'clip_image' needs an image encoder")
+        self.kind = kind
+
+    def evaluate(self, ref, test):
+        if self.kind == "clip_image":
+            a, b = self.embeds(ref), self.embeds(test)
+            self._paired(a, b, "image embeddings")
+            cos = (a * b).sum(-1)
+            return float((1 - cos).clamp_min(0).mean()), {"clip_image_cosine": float(cos.mean())}
+        a, b = self.images(ref), self.images(test)
+        self._paired(a, b, "pictures")
+        mse = float(torch.mean((a.double() - b.double()) ** 2))
+        psnr = PSNR_IDENTICAL if mse == 0 else min(PSNR_IDENTICAL, -10.0 * float(np.log10(mse)))
+        if self.kind == "psnr":
+            return mse, {"scored_image_psnr_db": psnr}
+        s = ssim(a, b)
+        return max(0.0, 1.0 - s), {"scored_image_ssim": s, "scored_image_psnr_db": psnr}
+
+
 # -- heat map -------------------------------------------------------------------------------------------------
 DECADES = 4.0  # the heat map's colour scale spans this many powers of ten below each metric's largest damage
 _GROUP_COLORS = {"self_attn": (80, 160, 255), "cross_attn": (255, 170, 60), "mlp": (120, 220, 120),
@@ -259,10 +436,11 @@ def _heat(v: float) -> tuple:
 
 def render_heatmap(unit_names: List[str], unit_groups: List[str], metrics: List[str], damage: torch.Tensor,
                    own_metric: List[str], bits: torch.Tensor, range_labels: List[str], title: List[str],
-                   cell=(22, 14), label_w: int = 200) -> torch.Tensor:
+                   cell=(22, 14), label_w: int = 200, metric_labels: Optional[List[str]] = None) -> torch.Tensor:
     """IMAGE [1, H, W, 3]: rows = layers (or blocks); per metric one column per timestep range (noisiest left),
     colour = log damage relative to the uniform low-bit model (own metric full colour, other metrics dimmed);
-    then the chosen weight bits per range (or one column for a per-layer plan)."""
+    then the chosen weight bits per range (or one column for a per-layer plan). metric_labels: the column
+    headers (default: the metric names)."""
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
@@ -287,7 +465,8 @@ def render_heatmap(unit_names: List[str], unit_groups: List[str], metrics: List[
         lo = max(float(pos.min().log10()), hi - DECADES) if len(pos) else 0.0
         span = max(hi - lo, 1e-6)
         x0 = label_w + m * (n_ranges * cw + gap)
-        draw.text((x0, y0 - 30), metrics[m][:(n_ranges * cw + gap) // 6], fill=(235, 235, 235), font=font)
+        col_title = (metric_labels or metrics)[m]
+        draw.text((x0, y0 - 30), col_title[:(n_ranges * cw + gap) // 6], fill=(235, 235, 235), font=font)
         for j, r in enumerate(order):
             draw.text((x0 + j * cw + 2, y0 - 16), range_labels[r], fill=(170, 170, 170), font=font)
         for u in range(n_units):

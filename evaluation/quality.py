@@ -12,7 +12,7 @@ from ..quant_core.metrics import psnr_db
 from ..quant_core.temporal import temporal_metrics
 from ..standalone.sampler import sample_euler_cfg
 from .analyzers import alignment, fidelity_to_data, psnr01, temporal_smoothness, video_alignment
-from .toy_models import VIDEO_FRAMES, caption_features, load_toy_pixart, load_toy_stdit, null_features
+from .toy_models import VIDEO_FRAMES, caption_features, load_toy_pixart, load_toy_stdit, null_features, spread
 from .toy_world import all_image_scenes, all_video_scenes, render_video
 
 PRESETS = ["w8a8-naive", "w8a8-pertoken", "w8a8-smoothquant", "w8a8-quarot", "w8a8", "w8a8-fp8", "w6a6",
@@ -27,6 +27,7 @@ class EvalModel:
     uncond: torch.Tensor
     noise: torch.Tensor
     scenes: Optional[list] = None  # toy-world scenes: enables the analyzers
+    plan_samples: Optional[int] = None  # the W4A8 planner samples this many of them (evenly spread); None = all
 
 
 SEEDED_PROMPTS = ("a red cube on a blue floor", "a small yellow ball in the sky")
@@ -47,7 +48,7 @@ def toy_pixart(n_captions: int = 90) -> Optional[EvalModel]:
     model = load_toy_pixart()
     if model is None:
         return None
-    scenes = all_image_scenes()[:: max(1, len(all_image_scenes()) // n_captions)][:n_captions]
+    scenes = spread(all_image_scenes(), n_captions)
     noise = torch.randn(len(scenes), 3, 32, 32, generator=torch.Generator().manual_seed(1))
     return EvalModel("trained-toy-pixart", model, caption_features(scenes), null_features(1), noise, scenes)
 
@@ -66,14 +67,17 @@ def seeded_stdit(seed: int = 0) -> EvalModel:
                      torch.cat([pseudo_caption(p, 16, 256) for p in prompts]), pseudo_caption("", 16, 256), noise)
 
 
-def toy_stdit(n_captions: int = 12) -> Optional[EvalModel]:
+def toy_stdit(n_captions: int = 120, plan_samples: int = 12) -> Optional[EvalModel]:
+    """The trained toy STDiT on n_captions of the 360 video captions (120: every shape, colour and start/end
+    pair; one attribute check = 100 / (4 n) points). The planner's sweep (hundreds of partial samplings) runs
+    on plan_samples of them, its plan is scored on all."""
     model = load_toy_stdit()
     if model is None:
         return None
-    scenes = all_video_scenes()[:: max(1, len(all_video_scenes()) // n_captions)][:n_captions]
+    scenes = spread(all_video_scenes(), n_captions)
     noise = torch.randn(len(scenes), 3, VIDEO_FRAMES, 32, 32, generator=torch.Generator().manual_seed(1))
     return EvalModel("trained-toy-stdit (8 frames)", model, caption_features(scenes), null_features(1), noise,
-                     scenes)
+                     scenes, plan_samples)
 
 
 MODEL_BUILDERS = {"seeded-pixart": seeded_pixart, "seeded-stdit": seeded_stdit, "toy-pixart": toy_pixart,
@@ -120,9 +124,13 @@ def plan_w4a8(em: EvalModel, calib, steps: int, cfg: float):
     from ..quant_core.planner import PlannerSettings, TorchRunner, plan_mixed_precision
 
     _, _, layers, fingerprint = describe_model(em.model)
+    noise, cond = em.noise, em.cond
+    if em.plan_samples is not None and em.plan_samples < len(noise):
+        stride = len(noise) // em.plan_samples
+        noise, cond = noise[::stride][:em.plan_samples], cond[::stride][:em.plan_samples]
 
     def sample_fn(model_fn, hook):
-        return sample_euler_cfg(model_fn, em.noise, em.cond, em.uncond, steps, cfg, on_model_call=hook)
+        return sample_euler_cfg(model_fn, noise, cond, em.uncond, steps, cfg, on_model_call=hook)
 
     settings = PlannerSettings(budget=PLAN_BUDGET_BITS, timestep_ranges=4, evaluate=False)
     return plan_mixed_precision(layers, fingerprint, TorchRunner(em.model, sample_fn), get_preset("w4a8"), calib,

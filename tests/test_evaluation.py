@@ -47,3 +47,29 @@ def test_baseline_presets_are_what_they_claim():
     assert qr.rotate and not qr.smooth and qr.a_granularity == "token"
     assert not pt.smooth and not pt.rotate and pt.a_granularity == "token"
     assert vq.smooth and vq.rotate and vq.a_granularity == "token"
+
+
+def test_stdit_initialised_from_pixart_is_the_image_model_frame_by_frame():
+    from viditq.evaluation.toy_models import build_toy_pixart, build_toy_stdit, caption_features, stdit_init_from_pixart
+
+    torch.manual_seed(0)
+    pixart, stdit = build_toy_pixart().eval(), build_toy_stdit().eval()
+    fresh = stdit_init_from_pixart(stdit, pixart.state_dict())
+    assert fresh and all(".attn_temp.qkv." in k for k in fresh)
+    scenes = all_image_scenes()[:2]
+    x = torch.randn(2, 3, 32, 32)  # the toy size: there the two positional tables agree (space_scale 0.5)
+    t = torch.tensor([20.0, 700.0])
+    with torch.no_grad():
+        img = pixart(x, t, caption_features(scenes))
+        vid = stdit(x[:, :, None].expand(2, 3, 3, 32, 32).contiguous(), t, caption_features(scenes))
+    assert torch.allclose(vid, img[:, :, None].expand_as(vid), atol=1e-4)
+
+
+def test_scored_video_captions_cover_every_start_end_pair():
+    from viditq.evaluation.toy_models import spread
+    from viditq.evaluation.toy_world import all_video_scenes
+
+    scenes = spread(all_video_scenes(), 120)
+    assert len(set(scenes)) == 120
+    assert len({(s.position, s.end_position) for s in scenes}) == 20
+    assert len({(s.shape, s.colour) for s in scenes}) == 18

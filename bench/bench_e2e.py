@@ -14,6 +14,11 @@ Variants (all in one process, same inputs):
   w8a8_full             w8a8_fp8_attn + elementwise fusion (LayerNorm+modulate, GELU, gate+residual) by
                         torch.compile of each block around our kernels (regional compile)
   w4a8_plan             W4A8 with the MLP at 8 bits (plan), linears only
+  w8a8_fp8_norot        w8a8_fp8 without the Hadamard rotation (smoothing only; fp8 needs it least)
+  w8a8_fp8_compile      w8a8_fp8, blocks compiled with our calls as custom ops (no graph breaks)
+  w8a8_fp8_norot_compile  the same without rotation, the activation quantize written in torch under compile so
+                        Inductor fuses it into its producer (LayerNorm+modulate, GELU): no bf16 activation round trip
+  w8a8_sq_compile       int8 SmoothQuant-style (w8a8-smoothquant: smoothing, no rotation), compiled the same way
   torchao_int8          torchao Int8DynamicActivationInt8WeightConfig (eager), same linears
   torchao_int8_compile  the same, blocks compiled (torch.compile)
   torchao_fp8           torchao Float8DynamicActivationFloat8WeightConfig(PerRow) (eager)
@@ -33,6 +38,7 @@ variant, so a run cut short keeps what it measured.
 """
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -46,8 +52,18 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 T_START = time.time()
 
 ALL_VARIANTS = ["fp16", "fp16_attn_fp8", "w8a8_int8", "w8a8_fp8", "w8a8_fp8_attn", "torchao_int8", "torchao_fp8",
-                "comfy_fp8_fast_equiv", "w4a8_plan", "w8a8_full", "torchao_int8_compile", "fp16_compile"]
-COMPILED = {"w8a8_full", "torchao_int8_compile", "fp16_compile"}
+                "comfy_fp8_fast_equiv", "w4a8_plan", "w8a8_fp8_norot", "fp16_compile", "w8a8_fp8_compile",
+                "w8a8_fp8_norot_compile", "w8a8_sq_compile", "w8a8_full", "torchao_int8_compile"]
+COMPILED = {"w8a8_full", "torchao_int8_compile", "fp16_compile", "w8a8_fp8_compile", "w8a8_fp8_norot_compile",
+            "w8a8_sq_compile"}
+# our variants: (preset, config changes, quantized attention, compiled, activation quantize under compile)
+OURS = {"w8a8_int8": ("w8a8", {}, None, False, None), "w8a8_fp8": ("w8a8-fp8", {}, None, False, None),
+        "w8a8_fp8_attn": ("w8a8-fp8", {}, "fp8", False, None), "w4a8_plan": ("w4a8", {}, None, False, None),
+        "w8a8_fp8_norot": ("w8a8-fp8", {"rotate": False}, None, False, None),
+        "w8a8_fp8_compile": ("w8a8-fp8", {}, None, True, "kernel"),
+        "w8a8_fp8_norot_compile": ("w8a8-fp8", {"rotate": False}, None, True, "torch"),
+        "w8a8_sq_compile": ("w8a8-smoothquant", {}, None, True, "torch"),
+        "w8a8_full": ("w8a8-fp8", {}, "fp8", True, "kernel")}
 
 
 def _parse():
@@ -834,26 +850,32 @@ def main():
         if v in COMPILED and elapsed() > ARGS.budget_s - ARGS.compile_reserve_s:
             return skipped(v, f"skipped: less than {ARGS.compile_reserve_s:.0f}s of budget left for a compile")
         t0 = time.time()
-        old, target, extra, opaque = None, model, {}, None
+        old, target, extra, opaque, env_saved = None, model, {}, None, False
         try:
             if v in ("fp16", "fp16_compile", "fp16_attn_fp8"):
                 target = model if v != "fp16_compile" else compile_blocks(copy.deepcopy(model))
                 if v == "fp16_attn_fp8":
                     set_pixart_attention(model, "fp8")
-            elif v in ("w8a8_int8", "w8a8_fp8", "w8a8_fp8_attn", "w8a8_full", "w4a8_plan"):
-                preset = {"w8a8_int8": "w8a8", "w4a8_plan": "w4a8"}.get(v, "w8a8-fp8")
+            elif v in OURS:
+                preset, changes, attn, compiled, quant_mode = OURS[v]
+                cfg = dataclasses.replace(get_preset(preset), **changes)
                 plan = plan_mlp8(model) if v == "w4a8_plan" else None
-                layers, summary = build_quant_layers(model, get_preset(preset), None, plan, "auto")
+                layers, summary = build_quant_layers(model, cfg, None, plan, "auto")
                 old = replace_layers(model, layers)
                 extra = {"preset": preset, "calibrated": False, "quantized_linears": len(layers)}
-                if v in ("w8a8_fp8_attn", "w8a8_full"):
-                    set_pixart_attention(model, "fp8")
-                    extra["attention"] = "fp8"
-                if v == "w8a8_full":
-                    opaque = OpaqueKernels().__enter__()
+                if changes:
+                    extra["config_changes"] = changes
+                if attn:
+                    set_pixart_attention(model, attn)
+                    extra["attention"] = attn
+                if compiled:
+                    env_saved = os.environ.get("VIDITQ_COMPILE_QUANT")
+                    os.environ["VIDITQ_COMPILE_QUANT"] = quant_mode
+                    if not hasattr(torch.ops.viditq, "quant_linear"):  # no custom ops: our calls opaque instead
+                        opaque = OpaqueKernels().__enter__()
                     target = compile_blocks(copy.deepcopy(model))
-                    extra["fusion"] = ("Inductor-fused elementwise (LayerNorm+modulate, GELU, gate+residual): "
-                                       "torch.compile per block, our kernels opaque (torch.compiler.disable)")
+                    extra["fusion"] = (f"torch.compile per block (Inductor fuses LayerNorm+modulate, GELU, "
+                                       f"gate+residual); activation quantize under compile: {quant_mode}")
             elif v == "comfy_fp8_fast_equiv":
                 old = replace_layers(model, comfy_fp8_layers(model))
             elif v.startswith("torchao"):
@@ -882,7 +904,8 @@ def main():
                                 "speedup_vs_fp16": None, "reason": f"{type(e).__name__}: {str(e)[:400]}"})
             if v == "fp16" and not ARGS.no_profile and 1024 in RESOLUTIONS:
                 profiles["fp16"] = profile_step("fp16", target, 1024)
-            if v in ("w8a8_fp8_attn", "w8a8_full") and not ARGS.no_profile and 1024 in RESOLUTIONS \
+            if v in ("w8a8_fp8_attn", "w8a8_full", "w8a8_fp8_compile", "w8a8_fp8_norot_compile", "w8a8_sq_compile",
+                     "fp16_compile") and not ARGS.no_profile and 1024 in RESOLUTIONS \
                     and elapsed() < ARGS.budget_s:
                 try:
                     profiles[v] = profile_step(v, target, 1024)
@@ -896,6 +919,10 @@ def main():
         finally:
             if opaque is not None:
                 opaque.__exit__(None, None, None)
+            if env_saved is not False:
+                os.environ.pop("VIDITQ_COMPILE_QUANT", None)
+                if env_saved is not None:
+                    os.environ["VIDITQ_COMPILE_QUANT"] = env_saved
             set_pixart_attention(model, "off")
             if old is not None:
                 replace_layers(model, old)

@@ -1,6 +1,11 @@
 """Pick the backend for each call: Triton on CUDA GPUs where a kernel exists, the torch reference elsewhere.
 
 VIDITQ_BACKEND=torch|triton|auto forces a backend for debugging (default auto). A layer may also ask for one.
+
+torch.compile: `quant_linear` and `quantized_attention` go through the custom ops of kernels/custom_ops.py while
+Dynamo traces (torch.compiler.is_compiling()), so compiled graphs hold one opaque op per call and never trace the
+Triton host code; eager calls run `*_impl` directly. The backend is resolved at run time inside the op, exactly
+as in eager (env var, layer's choice, device), never baked into a graph.
 """
 import logging
 import os
@@ -8,11 +13,12 @@ from typing import Optional
 
 import torch
 
-from . import reference
+from . import custom_ops, reference, reference_attention
 from .types import QuantizedActivation, QuantizedWeight
 
 log = logging.getLogger("vidit_q.kernels")
 BACKENDS = ("auto", "triton", "torch")
+ATTENTION_BLOCK_N = 64  # key block of the attention's torch twin (the CUDA kernel tunes its own: 64 or 128)
 _warned = set()
 
 
@@ -54,6 +60,54 @@ def quant_linear(
     backend: Optional[str] = "auto",
 ) -> torch.Tensor:
     """The one call QuantLinear makes: y[..., N] = quantize(x) @ W^T + bias in x's dtype."""
+    if torch.compiler.is_compiling():  # one opaque op in the compiled graph (custom_ops.py says why)
+        if _quantize_in_torch(w, had_block):
+            # the activation quantize as torch code, so Inductor fuses it into whatever produced x (LayerNorm +
+            # modulate, GELU): x never goes to memory in bf16, only as codes + scales; then the GEMM op
+            sum_group = (w.group_size or w.in_features) if w.zero is not None else 0
+            a = reference.quantize_activation(x, mult, had_block, act_fmt, act_qmax, static_scale, sum_group)
+            y = custom_ops.quantized_matmul(a.q, a.scale, a.qsum, w.data, w.scale, w.zero, bias, w.fmt,
+                                            w.in_features, w.group_size, x.dtype, backend or "auto")
+            return y.reshape(*x.shape[:-1], w.out_features)
+        return custom_ops.quant_linear(x, w.data, w.scale, w.zero, bias, mult, static_scale, w.fmt, w.in_features,
+                                       w.group_size, had_block, act_fmt, act_qmax, backend or "auto")
+    return quant_linear_impl(x, w, bias, mult, had_block, act_fmt, act_qmax, static_scale, backend)
+
+
+COMPILE_QUANT_ENV = "VIDITQ_COMPILE_QUANT"  # auto | torch | kernel: how compiled code quantizes activations
+
+
+def _quantize_in_torch(w: QuantizedWeight, had_block: int) -> bool:
+    """Under torch.compile: quantize activations with torch code (Inductor fuses it into the producer) or call the
+    fused Triton quantize + GEMM op. auto: torch where there is no rotation (a row reduction and a cast: Inductor
+    fuses them well) and the weights are int8 / fp8 (the int4 GEMM reads the codes in its own channel order, which
+    only the Triton quantize writes); rotated layers keep the Triton kernel (a block Hadamard is a matmul Inductor
+    does not fuse)."""
+    mode = os.environ.get(COMPILE_QUANT_ENV, "auto").strip().lower()
+    if mode not in ("auto", "torch", "kernel"):
+        raise ValueError(f"{COMPILE_QUANT_ENV} must be auto, torch or kernel, got {mode!r}")
+    if mode == "kernel":
+        return False
+    if mode == "torch":
+        return True
+    return had_block <= 1 and w.fmt in ("int8", "fp8")
+
+
+def quantized_matmul_impl(a: QuantizedActivation, w: QuantizedWeight, bias: Optional[torch.Tensor],
+                          out_dtype: torch.dtype, backend: Optional[str] = "auto") -> torch.Tensor:
+    """GEMM + dequant epilogue on already quantized activations: Triton where it runs, the reference elsewhere."""
+    if resolve_backend(backend, a.q.device) == "triton":
+        from . import triton_ops
+
+        return triton_ops.quantized_matmul(a, w, bias, out_dtype)
+    return reference.quantized_matmul(a, w, bias, out_dtype)
+
+
+def quant_linear_impl(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor],
+                      mult: Optional[torch.Tensor] = None, had_block: int = 0, act_fmt: str = "int8",
+                      act_qmax: int = 127, static_scale: Optional[torch.Tensor] = None,
+                      backend: Optional[str] = "auto") -> torch.Tensor:
+    """quant_linear's implementation (eager calls and the custom op's real run)."""
     lead = x.shape[:-1]
     sum_group = 0
     if w.zero is not None:
@@ -75,3 +129,23 @@ def quantize_activation(x, mult=None, had_block=0, fmt="int8", qmax=127, static_
 
         return triton_ops.quantize_activation(x, mult, had_block, fmt, qmax, static_scale, sum_group)
     return reference.quantize_activation(x, mult, had_block, fmt, qmax, static_scale, sum_group)
+
+
+def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str,
+                        backend: Optional[str] = "auto") -> torch.Tensor:
+    """Quantized softmax(q k^T / sqrt(d)) v (reference_attention.MODES); q [B, H, Nq, D], k/v [B, H, Nk, D] ->
+    [B, H, Nq, D] in q's dtype."""
+    if torch.compiler.is_compiling():
+        return custom_ops.quantized_attention(q, k, v, mode, backend or "auto")
+    return quantized_attention_impl(q, k, v, mode, backend)
+
+
+def quantized_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str,
+                             backend: Optional[str] = "auto") -> torch.Tensor:
+    """quantized_attention's implementation: the Triton kernel where it runs, its torch twin elsewhere."""
+    if resolve_backend(backend, q.device) == "triton":
+        from . import triton_attention
+
+        if triton_attention.supported(q, mode):
+            return triton_attention.attention(q, k, v, mode)
+    return reference_attention.attention_reference(q, k, v, mode, block_n=ATTENTION_BLOCK_N)

@@ -651,14 +651,49 @@ def candidates(k: int, had_block: int, sum_group: int, row_sum: bool, m: int = 1
     return out
 
 
-@functools.lru_cache(maxsize=32)
+_HADAMARD_CACHE = {}
+
+
 def _pm1_hadamard(hd: int, had_block: int, device_str: str, dtype=torch.bfloat16) -> torch.Tensor:
-    """kron(I_{hd/had_block}, H_had_block) with ±1 entries (exact in bf16 / fp16), on the device."""
+    """kron(I_{hd/had_block}, H_had_block) with ±1 entries (exact in bf16 / fp16), on the device, built once.
+
+    Kept for the process, so it must not come from a CUDA graph's private memory pool: a first use inside a
+    capture (torch.compile mode="reduce-overhead" warms up and records in its pool) builds it in another thread,
+    whose allocations the capture does not own; a cached tensor in the pool would be overwritten by replays."""
+    key = (hd, had_block, device_str, dtype)
+    t = _HADAMARD_CACHE.get(key)
+    if t is None:
+        if device_str.startswith("cuda") and not INTERPRET and torch.cuda.is_current_stream_capturing():
+            import threading
+
+            box = []
+
+            def build():
+                try:
+                    box.append(_build_pm1_hadamard(hd, had_block, device_str, dtype))
+                except BaseException as e:  # raised in the caller's thread below
+                    box.append(e)
+            th = threading.Thread(target=build)
+            th.start()
+            th.join()
+            if isinstance(box[0], BaseException):
+                raise box[0]
+            t = box[0]
+        else:
+            t = _build_pm1_hadamard(hd, had_block, device_str, dtype)
+        _HADAMARD_CACHE[key] = t
+    return t
+
+
+def _build_pm1_hadamard(hd, had_block, device_str, dtype):
     h = torch.ones(1, 1)
     while h.shape[0] < had_block:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     full = torch.kron(torch.eye(hd // had_block), h)
-    return full.to(device=device_str, dtype=dtype).contiguous()
+    t = full.to(device=device_str, dtype=dtype).contiguous()
+    if t.is_cuda:
+        torch.cuda.current_stream(t.device).synchronize()  # this thread's copy is done before the caller uses it
+    return t
 
 
 last_kernel = None  # the last compiled kernel launched and its candidate (benchmark reports)

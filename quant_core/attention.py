@@ -18,23 +18,22 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn as nn
 
+from ..kernels import dispatch as kernels_dispatch
+from ..kernels.dispatch import ATTENTION_BLOCK_N
+
 ATTENTION_MODES = ("off", "fp8", "int8")
-KERNEL_BLOCK_N = 64  # key block of the torch twin (the CUDA kernel tunes its own: 64 or 128)
+KERNEL_BLOCK_N = ATTENTION_BLOCK_N  # key block of the torch twin (the CUDA kernel tunes its own: 64 or 128)
 
 
 def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, backend: str = "auto"
                         ) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v with quantized products. q [B, H, Nq, D], k/v [B, H, Nk, D] -> [B, H, Nq, D]."""
-    from ..kernels import reference_attention, resolve_backend
+    """softmax(q k^T / sqrt(d)) v with quantized products. q [B, H, Nq, D], k/v [B, H, Nk, D] -> [B, H, Nq, D].
 
+    Under torch.compile this is one opaque custom op (viditq::quantized_attention, kernels/custom_ops.py): the
+    attention forwards below trace without graph breaks."""
     if mode not in ATTENTION_MODES or mode == "off":
         raise ValueError(f"quantized attention mode must be one of {ATTENTION_MODES[1:]}, got {mode!r}")
-    if resolve_backend(backend, q.device) == "triton":
-        from ..kernels import triton_attention
-
-        if triton_attention.supported(q, mode):
-            return triton_attention.attention(q, k, v, mode)
-    return reference_attention.attention_reference(q, k, v, mode, block_n=KERNEL_BLOCK_N)
+    return kernels_dispatch.quantized_attention(q, k, v, mode, backend)
 
 
 def make_attention_fn(mode: str, backend: str = "auto") -> Optional[Callable]:

@@ -99,6 +99,10 @@ class QuantLinear(nn.Module):
         self._sim_weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # torch.compile (fullgraph): everything here traces; kernels.quant_linear is one custom op in the graph
+        # (kernels/custom_ops.py). The device test is static under Dynamo (it guards on the buffers' devices): when
+        # the layer is where x is, nothing is traced for it; otherwise Dynamo traces the move as a module side
+        # effect (applied after the call) and the next call recompiles for the new devices.
         if self.qweight.device != x.device:  # ComfyUI may move the model after patching (low-VRAM paths)
             self.to(x.device)
             self._sim_weight = None
@@ -172,6 +176,10 @@ class TimestepSwitchLinear(nn.Module):
         self.meta = dict(getattr(first, "meta", {}) or {})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # torch.compile: Dynamo reads clock.current as a Python int and guards on it (and on `choice`), so a
+        # compiled model holds one graph per timestep range it has run (a recompile the first time each range
+        # comes, later calls pick the cached graph of the current range; never a stale variant). With 4 ranges
+        # that is 4 graphs, within Dynamo's default recompile limit (8).
         r = self.clock.current
         if r is None:
             raise RuntimeError(

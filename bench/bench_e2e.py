@@ -19,6 +19,7 @@ Variants (all in one process, same inputs):
   w8a8_fp8_norot_compile  the same without rotation, the activation quantize written in torch under compile so
                         Inductor fuses it into its producer (LayerNorm+modulate, GELU): no bf16 activation round trip
   w8a8_sq_compile       int8 SmoothQuant-style (w8a8-smoothquant: smoothing, no rotation), compiled the same way
+  w8a8_sq_kcompile      the same with our fused Triton quantize kept under compile (VIDITQ_COMPILE_QUANT=kernel)
   torchao_int8          torchao Int8DynamicActivationInt8WeightConfig (eager), same linears
   torchao_int8_compile  the same, blocks compiled (torch.compile)
   torchao_fp8           torchao Float8DynamicActivationFloat8WeightConfig(PerRow) (eager)
@@ -53,9 +54,9 @@ T_START = time.time()
 
 ALL_VARIANTS = ["fp16", "fp16_attn_fp8", "w8a8_int8", "w8a8_fp8", "w8a8_fp8_attn", "torchao_int8", "torchao_fp8",
                 "comfy_fp8_fast_equiv", "w4a8_plan", "w8a8_fp8_norot", "fp16_compile", "w8a8_fp8_compile",
-                "w8a8_fp8_norot_compile", "w8a8_sq_compile", "w8a8_full", "torchao_int8_compile"]
+                "w8a8_fp8_norot_compile", "w8a8_sq_compile", "w8a8_sq_kcompile", "w8a8_full", "torchao_int8_compile"]
 COMPILED = {"w8a8_full", "torchao_int8_compile", "fp16_compile", "w8a8_fp8_compile", "w8a8_fp8_norot_compile",
-            "w8a8_sq_compile"}
+            "w8a8_sq_compile", "w8a8_sq_kcompile"}
 # our variants: (preset, config changes, quantized attention, compiled, activation quantize under compile)
 OURS = {"w8a8_int8": ("w8a8", {}, None, False, None), "w8a8_fp8": ("w8a8-fp8", {}, None, False, None),
         "w8a8_fp8_attn": ("w8a8-fp8", {}, "fp8", False, None), "w4a8_plan": ("w4a8", {}, None, False, None),
@@ -63,6 +64,7 @@ OURS = {"w8a8_int8": ("w8a8", {}, None, False, None), "w8a8_fp8": ("w8a8-fp8", {
         "w8a8_fp8_compile": ("w8a8-fp8", {}, None, True, "kernel"),
         "w8a8_fp8_norot_compile": ("w8a8-fp8", {"rotate": False}, None, True, "torch"),
         "w8a8_sq_compile": ("w8a8-smoothquant", {}, None, True, "torch"),
+        "w8a8_sq_kcompile": ("w8a8-smoothquant", {}, None, True, "kernel"),
         "w8a8_full": ("w8a8-fp8", {}, "fp8", True, "kernel")}
 
 
@@ -82,6 +84,9 @@ def _parse():
                    help="let the kernel tuners time every candidate (default: a short list, to fit a device lease)")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--no-attn-bench", action="store_true", help="skip the attention micro-benchmark")
+    p.add_argument("--inductor-options", default="",
+                   help="torch.compile options for every compiled variant, e.g. "
+                        "coordinate_descent_tuning=true,triton.multi_kernel=1")
     p.add_argument("--no-launch-bench", action="store_true", help="skip the host launch-overhead micro-benchmark")
     p.add_argument("--run-tag", default="", help="written into every row (several device runs merged later)")
     p.add_argument("--merge", nargs="+", metavar="JSON",
@@ -228,6 +233,11 @@ OUT.mkdir(parents=True, exist_ok=True)
 HIDDEN, HEADS, CAPTION = 1152, 16, 4096
 RESOLUTIONS = [int(r) for r in ARGS.resolutions.split(",") if r]
 VARIANTS = [v for v in ARGS.variants.split(",") if v]
+def _option_value(v: str):
+    return {"true": True, "false": False}.get(v.lower(), int(v) if v.isdigit() else v)
+
+
+INDUCTOR_OPTIONS = {kv.split("=")[0]: _option_value(kv.split("=")[1]) for kv in ARGS.inductor_options.split(",") if kv}
 MODEL_NAME = f"pixart_sigma_xl2 ({ARGS.depth}x{HIDDEN}, random weights)"
 def _command() -> str:
     argv, out, skip = sys.argv[1:], [], False
@@ -395,7 +405,7 @@ def compile_blocks(model):
     torch._dynamo.config.automatic_dynamic_shapes = False  # one static graph per resolution
     torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
     for blk in model.blocks:
-        blk.compile()
+        blk.compile(options=INDUCTOR_OPTIONS or None)
     return model
 
 
@@ -699,6 +709,8 @@ def launch_overhead(model, tokens: int = 256, calls: int = 300) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 def kernel_kind(name: str) -> str:
     n = name.lower()
+    if n.startswith("triton_") and ("amax" in n or "quant" in n):  # Inductor-generated, named after what it fused
+        return "inductor_fused_quantize"
     if "_act_quant" in n:
         return "act_quantize"
     if "_attn_fwd" in n or "_kv_prep" in n or "flash" in n or "fmha" in n or "attention" in n or "sdpa" in n \
@@ -833,7 +845,7 @@ def main():
         traceback.print_exc()
     model = build_fp_model()
     names = block_linear_names(model)
-    RESULT["setup"].update({"depth": ARGS.depth, "hidden": HIDDEN, "heads": HEADS, "tokens": ARGS.tokens,
+    RESULT["setup"].update({"inductor_options": INDUCTOR_OPTIONS, "depth": ARGS.depth, "hidden": HIDDEN, "heads": HEADS, "tokens": ARGS.tokens,
                             "quantized_linears": len(names), "dtype": str(DTYPE), "reps": ARGS.reps,
                             "steps": ARGS.steps})
     log(f"built the {ARGS.depth}-block model ({len(names)} block linears)")

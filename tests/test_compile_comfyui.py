@@ -79,9 +79,15 @@ def test_compile_node_modes_map_to_torch_compile(comfy_model):
     expected = {"default": None, "max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs",
                 "reduce-overhead": "reduce-overhead"}
     for mode, torch_mode in expected.items():  # torch.compile is lazy: nothing compiles until sampling
-        (m,) = ViDiTQCompileModel.execute(comfy_model, mode, False).args
+        (m,) = ViDiTQCompileModel.execute(comfy_model, mode, False, tune_fusions=False).args
         kwargs = m.model_options["torch_compile_kwargs"]
         assert (kwargs["backend"], kwargs["mode"], kwargs["fullgraph"]) == ("inductor", torch_mode, False)
+        assert kwargs["options"] is None
+        # tuned fusions (the default): the mode goes in as its options (torch.compile takes one or the other)
+        (m,) = ViDiTQCompileModel.execute(comfy_model, mode, False).args
+        kwargs = m.model_options["torch_compile_kwargs"]
+        assert kwargs["mode"] is None and kwargs["options"]["coordinate_descent_tuning"] is True
+        assert kwargs["options"].get("triton.cudagraphs", False) == (mode == "reduce-overhead")
     (m,) = ViDiTQCompileModel.execute(comfy_model, "reduce-overhead", True, "aot_eager").args
     assert m.model_options["torch_compile_kwargs"]["mode"] is None  # modes are Inductor's
     assert "torch_compile_kwargs" not in comfy_model.model_options

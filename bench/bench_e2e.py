@@ -198,7 +198,7 @@ def merge_runs(paths):
         # every measured row (with its own run's fp16 speedup)
         base["rows"] += [x for x in r["rows"] if x.get("ms_per_step") or (
             (x["variant"], x["resolution"]) not in measured and last_skip.get((x["variant"], x["resolution"])) is x)]
-        for key in ("attention_microbench",):
+        for key in ("attention_microbench", "launch_overhead"):
             if r.get(key):
                 base[key] = r[key]
         for key in ("profile", "compile_and_graphs", "setup"):

@@ -9,6 +9,7 @@ W8A8 output error vs FP16; writes bench/results/opensora_step_<gpu>.json.
     python bench/bench_opensora_step.py                 # about 1-2 minutes on an H100/H200
     python bench/bench_opensora_step.py --backend torch # the torch reference path (no Triton)
     python bench/bench_opensora_step.py --dry           # CPU, tiny shapes: checks this script only
+    python bench/bench_opensora_step.py --compile-presets w8a8,w8a8-smoothquant   # + compiled rows
 """
 import argparse
 import json
@@ -34,6 +35,9 @@ def _parse():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--dry", action="store_true", help="CPU, tiny shapes (checks the script)")
+    p.add_argument("--compile-presets", default="",
+                   help="also time these presets (and FP16) with every block torch.compiled (Inductor, tuned "
+                        "fusions; quantize as VIDITQ_COMPILE_QUANT=auto), e.g. w8a8,w8a8-smoothquant")
     return p.parse_args()
 
 
@@ -62,6 +66,47 @@ def _time(fn, reps, warmup, cuda):
             times.append(time.perf_counter() - t0)
     times.sort()
     return times[len(times) // 2]
+
+
+def compiled_rows(result, args, model, layers, calib, step, ref, fp_s, cuda, presets):
+    """FP16 and each preset with every block compiled (regional compile: the 28 blocks share one graph)."""
+    import torch._dynamo
+
+    from viditq.quant_core import build_quant_layers, get_preset, replace_layers
+    from viditq.quant_core.metrics import compare
+
+    options = None if args.dry else {"coordinate_descent_tuning": True, "triton.multi_kernel": 1}
+    torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+    fp_c = None
+    for preset in ["fp16"] + presets:
+        t0 = time.perf_counter()
+        old = None
+        try:
+            if preset != "fp16":
+                q, _ = build_quant_layers(model, get_preset(preset), calib, backend=args.backend)
+                old = replace_layers(model, q)
+            for blk in model.blocks:
+                blk.compile(options=options, backend="inductor" if cuda else "aot_eager")
+            out = step().float()
+            first_s = time.perf_counter() - t0
+            ms = _time(step, args.reps, args.warmup, cuda) * 1e3
+            row = {"variant": preset, "compiled": True, "ms_per_step": ms, "speedup_vs_fp16": fp_s * 1e3 / ms,
+                   "first_call_s": first_s, "psnr_db": compare(ref, out)["psnr_db"] if preset != "fp16" else None}
+            if preset == "fp16":
+                fp_c = ms
+            elif fp_c:
+                row["speedup_vs_fp16_compiled"] = fp_c / ms
+        except Exception as e:  # a failed variant is a row saying why, never a lost run
+            row = {"variant": preset, "compiled": True, "ms_per_step": None,
+                   "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        finally:
+            for blk in model.blocks:
+                blk._compiled_call_impl = None  # back to eager (nn.Module.compile sets this)
+            if old is not None:
+                replace_layers(model, old)
+            torch._dynamo.reset()
+        result["rows"].append(row)
+        print(f"compiled {preset}: {row}", flush=True)
 
 
 def main():
@@ -115,14 +160,15 @@ def main():
         step()
     calib = cal.result(fingerprint)
     qlayers, summary = build_quant_layers(model, get_preset(args.preset), calib, backend=args.backend)
-    old = replace_layers(model, qlayers)
-    del old, qlayers
+    fp_layers = replace_layers(model, qlayers)
+    del qlayers
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     out = step().float()
     q_s = _time(step, args.reps, args.warmup, cuda)
     q_peak = torch.cuda.max_memory_allocated() if cuda else None
+    replace_layers(model, fp_layers)  # back to FP16 (compiled rows below quantize afresh)
 
     result = {
         "gpu": torch.cuda.get_device_name() if cuda else "cpu (dry run)",
@@ -141,6 +187,12 @@ def main():
         "notes": "random weights with planted outlier channels; one step at t=500 with CFG batch 2; calibration "
                  "from the same step",
     }
+    result["rows"] = [{"variant": "fp16", "compiled": False, "ms_per_step": fp_s * 1e3, "speedup_vs_fp16": 1.0},
+                      {"variant": args.preset, "compiled": False, "ms_per_step": q_s * 1e3,
+                       "speedup_vs_fp16": fp_s / q_s, "psnr_db": result["output_vs_fp"]["psnr_db"]}]
+    presets = [p for p in args.compile_presets.split(",") if p]
+    if presets:
+        compiled_rows(result, args, model, layers, calib, step, ref, fp_s, cuda, presets)
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = "dry" if args.dry else torch.cuda.get_device_name().replace(" ", "_").lower()

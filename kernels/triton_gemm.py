@@ -543,19 +543,23 @@ def candidates(m: int, n: int, k: int, w_int4: bool, group_k: int, tma: bool, tm
     return out
 
 
-def _weight_desc(wd, n, bn, kb):
-    """The weight's tensor descriptor, built once per weight tensor and block shape.
-
-    Kept as an attribute of the tensor itself (a reference cycle the garbage collector frees with the tensor),
-    so a cache never keeps an unloaded model's weights alive.
-    """
-    per = getattr(wd, "_viditq_tma_desc", None)
+def tensor_cache(t: torch.Tensor, attr: str) -> dict:
+    """A dict kept as an attribute of the tensor itself (a reference cycle the garbage collector frees with the
+    tensor), so a cache never keeps an unloaded model's weights alive, and a moved or reloaded weight (a new
+    tensor) starts afresh. Tensor subclasses that refuse attributes get a fresh dict each time (no caching)."""
+    per = getattr(t, attr, None)
     if per is None:
         per = {}
         try:
-            wd._viditq_tma_desc = per
-        except Exception:  # tensor subclasses that refuse attributes: no caching
+            setattr(t, attr, per)
+        except Exception:
             pass
+    return per
+
+
+def _weight_desc(wd, n, bn, kb):
+    """The weight's tensor descriptor, built once per weight tensor and block shape."""
+    per = tensor_cache(wd, "_viditq_tma_desc")
     d = per.get((bn, kb))
     if d is None:
         d = per[(bn, kb)] = TensorDescriptor(wd, [n, wd.shape[1]], [wd.stride(0), 1], [bn, kb])

@@ -160,18 +160,6 @@ def _plan_key(x2, bias, mult, had_block, act_fmt, act_qmax, static_scale, sum_gr
             tuple(map(_ENV_DATA.get, _ENV_KEYS)))
 
 
-def _plans_of(wdata):
-    """The plans kept on the weight tensor itself (freed with it; a moved or reloaded weight starts afresh)."""
-    plans = getattr(wdata, "_viditq_plans", None)
-    if plans is None:
-        plans = {}
-        try:
-            wdata._viditq_plans = plans
-        except Exception:  # tensor subclasses that refuse attributes: no plans
-            pass
-    return plans
-
-
 def quant_linear(x, w, bias, mult=None, had_block=0, act_fmt="int8", act_qmax=127, static_scale=None,
                  sum_group=0):
     """y[M, N] = dequant(quantize(x)) @ dequant(w)^T + bias in x's dtype, or None if no kernel fits."""
@@ -235,8 +223,9 @@ def quant_linear(x, w, bias, mult=None, had_block=0, act_fmt="int8", act_qmax=12
     plain_bias = bias is None or bias.is_contiguous()
     if y is not None and aq_fn is not None and gemm_fn is not None and not forced and plain_mult and plain_bias:
         qsum_cols = 0 if a.qsum is None else a.qsum.shape[1]
-        _plans_of(w.data)[_plan_key(x2, bias, mult, had_block, act_fmt, act_qmax, static_scale, sum_group)] = \
-            LinearPlan(aq_fn, gemm_fn, k, w.out_features, a.q.dtype, qsum_cols)
+        key = _plan_key(x2, bias, mult, had_block, act_fmt, act_qmax, static_scale, sum_group)
+        _gemm.tensor_cache(w.data, "_viditq_plans")[key] = LinearPlan(aq_fn, gemm_fn, k, w.out_features, a.q.dtype,
+                                                                      qsum_cols)
     return y
 
 

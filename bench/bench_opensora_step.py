@@ -37,7 +37,8 @@ def _parse():
     p.add_argument("--dry", action="store_true", help="CPU, tiny shapes (checks the script)")
     p.add_argument("--compile-presets", default="",
                    help="also time these presets (and FP16) with every block torch.compiled (Inductor, tuned "
-                        "fusions; quantize as VIDITQ_COMPILE_QUANT=auto), e.g. w8a8,w8a8-smoothquant")
+                        "fusions), e.g. w8a8,w8a8-smoothquant; preset@kernel / preset@torch sets "
+                        "VIDITQ_COMPILE_QUANT for that row (default auto)")
     return p.parse_args()
 
 
@@ -78,7 +79,11 @@ def compiled_rows(result, args, model, layers, calib, step, ref, fp_s, cuda, pre
     options = None if args.dry else {"coordinate_descent_tuning": True, "triton.multi_kernel": 1}
     torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
     fp_c = None
-    for preset in ["fp16"] + presets:
+    import os
+
+    for spec in ["fp16"] + presets:
+        preset, _, quant_mode = spec.partition("@")  # "w8a8-smoothquant@kernel": VIDITQ_COMPILE_QUANT for this row
+        os.environ["VIDITQ_COMPILE_QUANT"] = quant_mode or "auto"
         t0 = time.perf_counter()
         old = None
         try:
@@ -90,14 +95,14 @@ def compiled_rows(result, args, model, layers, calib, step, ref, fp_s, cuda, pre
             out = step().float()
             first_s = time.perf_counter() - t0
             ms = _time(step, args.reps, args.warmup, cuda) * 1e3
-            row = {"variant": preset, "compiled": True, "ms_per_step": ms, "speedup_vs_fp16": fp_s * 1e3 / ms,
+            row = {"variant": spec, "compiled": True, "ms_per_step": ms, "speedup_vs_fp16": fp_s * 1e3 / ms,
                    "first_call_s": first_s, "psnr_db": compare(ref, out)["psnr_db"] if preset != "fp16" else None}
             if preset == "fp16":
                 fp_c = ms
             elif fp_c:
                 row["speedup_vs_fp16_compiled"] = fp_c / ms
         except Exception as e:  # a failed variant is a row saying why, never a lost run
-            row = {"variant": preset, "compiled": True, "ms_per_step": None,
+            row = {"variant": spec, "compiled": True, "ms_per_step": None,
                    "error": f"{type(e).__name__}: {str(e)[:300]}"}
         finally:
             for blk in model.blocks:
@@ -105,8 +110,9 @@ def compiled_rows(result, args, model, layers, calib, step, ref, fp_s, cuda, pre
             if old is not None:
                 replace_layers(model, old)
             torch._dynamo.reset()
+            os.environ.pop("VIDITQ_COMPILE_QUANT", None)
         result["rows"].append(row)
-        print(f"compiled {preset}: {row}", flush=True)
+        print(f"compiled {spec}: {row}", flush=True)
 
 
 def main():

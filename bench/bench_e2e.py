@@ -691,9 +691,12 @@ def launch_overhead(model, tokens: int = 256, calls: int = 300) -> dict:
             c = torch.empty((tokens, n), device=DEV, dtype=DTYPE)
             mv = ql.act_mult if ql.act_mult is not None else sc
 
+            w = ql.quantized_weight()
+
             def bare():
                 plan.aq(x, mv, q, sc, sc if qsum is None else qsum, sc, tokens, 0 if qsum is None else qsum.stride(0))
-                plan.gemm(q, sc, qsum, sc if ql.bias is None else ql.bias, c, tokens)
+                plan.gemm(q, sc, qsum, w.data, w.scale, w.scale if w.zero is None else w.zero,
+                          sc if ql.bias is None else ql.bias, c, tokens)
             out[f"{preset}_bare_launches_us"] = host_us(bare)
         except Exception as e:
             traceback.print_exc()

@@ -90,7 +90,15 @@ def _quantize_in_torch(w: QuantizedWeight, had_block: int) -> bool:
         return False
     if mode == "torch":
         return True
+    if w.fmt == "fp8" and w.data.is_cuda and not _native_fp8(w.data.device.index or 0):
+        return False  # Inductor's fp8 casts need sm89+; the op's kernel path falls back to the reference instead
     return had_block <= 1 and w.fmt in ("int8", "fp8")
+
+
+@torch.compiler.assume_constant_result
+def _native_fp8(device_index: int) -> bool:
+    """Does this CUDA device have fp8 (sm89+)? A constant for the compiler (asked while Dynamo traces)."""
+    return torch.cuda.get_device_capability(device_index) >= (8, 9)
 
 
 def quantized_matmul_impl(a: QuantizedActivation, w: QuantizedWeight, bias: Optional[torch.Tensor],

@@ -657,13 +657,14 @@ _HADAMARD_CACHE = {}
 def _pm1_hadamard(hd: int, had_block: int, device_str: str, dtype=torch.bfloat16) -> torch.Tensor:
     """kron(I_{hd/had_block}, H_had_block) with ±1 entries (exact in bf16 / fp16), on the device, built once.
 
-    Kept for the process, so it must not come from a CUDA graph's private memory pool: a first use inside a
-    capture (torch.compile mode="reduce-overhead" warms up and records in its pool) builds it in another thread,
-    whose allocations the capture does not own; a cached tensor in the pool would be overwritten by replays."""
+    Kept for the process, so it must not come from a CUDA graph's private memory pool: torch.compile's
+    mode="reduce-overhead" routes the calling thread's allocations to its pool both while it records and in the
+    warm-up run before (no capture is visible then), and a cached tensor in the pool would be overwritten by
+    replays. So on CUDA it is always built in another thread, whose allocations the pool does not own."""
     key = (hd, had_block, device_str, dtype)
     t = _HADAMARD_CACHE.get(key)
     if t is None:
-        if device_str.startswith("cuda") and not INTERPRET and torch.cuda.is_current_stream_capturing():
+        if device_str.startswith("cuda") and not INTERPRET:
             import threading
 
             box = []

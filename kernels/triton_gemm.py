@@ -544,9 +544,9 @@ def candidates(m: int, n: int, k: int, w_int4: bool, group_k: int, tma: bool, tm
 
 
 def tensor_cache(t: torch.Tensor, attr: str) -> dict:
-    """A dict kept as an attribute of the tensor itself (a reference cycle the garbage collector frees with the
-    tensor), so a cache never keeps an unloaded model's weights alive, and a moved or reloaded weight (a new
-    tensor) starts afresh. Tensor subclasses that refuse attributes get a fresh dict each time (no caching)."""
+    """A dict kept as an attribute of the tensor itself, freed with it; a moved or reloaded weight (a new tensor)
+    starts afresh. What goes in must not reference the tensor (a reference cycle would keep a model's weights
+    alive until a full garbage collection). Tensor subclasses that refuse attributes get a fresh dict each time."""
     per = getattr(t, attr, None)
     if per is None:
         per = {}
@@ -555,15 +555,6 @@ def tensor_cache(t: torch.Tensor, attr: str) -> dict:
         except Exception:
             pass
     return per
-
-
-def _weight_desc(wd, n, bn, kb):
-    """The weight's tensor descriptor, built once per weight tensor and block shape."""
-    per = tensor_cache(wd, "_viditq_tma_desc")
-    d = per.get((bn, kb))
-    if d is None:
-        d = per[(bn, kb)] = TensorDescriptor(wd, [n, wd.shape[1]], [wd.stride(0), 1], [bn, kb])
-    return d
 
 
 def supported(a_fmt: str, w) -> bool:
@@ -580,63 +571,65 @@ def supported(a_fmt: str, w) -> bool:
     return False
 
 
-def launcher(cfg, wd, ws, wz, n, k, group_k, has_zero, has_bias, magic, u4, perm_mode, device_str, flag_items):
-    """The launch of GEMM candidate `cfg` with everything but the call's activation and output bound once (the
-    weight's tensor descriptor included): fn(q, a_scale, a_qsum, bias_or_scale, c, m) -> compiled kernel.
-    Not cached here: it holds the weight; callers keep it as long as they keep the weight."""
+@functools.lru_cache(maxsize=512)
+def launcher(cfg, n, k, group_k, has_zero, has_bias, magic, u4, perm_mode, device_str, flag_items):
+    """The launch of GEMM candidate `cfg` with everything that is not a tensor bound once:
+    fn(q, a_scale, a_qsum, wd, ws, wz, bias_or_scale, c, m) -> compiled kernel. It holds no tensor (so a plan that
+    keeps it never keeps a weight alive); the weight's tensor descriptor is built per call (a few microseconds)."""
     kind, bm, bn, bk, gm, st, nw = cfg
     flags = dict(flag_items)
     use_qsum = has_zero or u4  # the epilogue reads the per-token code sums (else a.scale stands in, unread)
-    stride_ws = ws.stride(0) if group_k else 0
     nsm = _device_info(device_str)[1]
     w_int4 = flags["W_INT4"]
     if kind.startswith("swap"):
         kw = dict(GROUP_K=group_k, HAS_ZERO=has_zero, HAS_BIAS=has_bias, MAGIC=magic, U4=u4, MERGE=perm_mode == 2,
                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_stages=st, num_warps=nw)
         if kind == "swap":
-            def fn(q, a_scale, a_qsum, bias_t, c, m):
+            def fn(q, a_scale, a_qsum, wd, ws, wz, bias_t, c, m):
                 qs, stride_qs = (a_qsum, a_qsum.stride(0)) if use_qsum else (a_scale, 0)
                 grid = (_cdiv(m, bm) * _cdiv(n, bn),)
                 return _w4_swap_kernel[grid](q, wd, c, a_scale, ws, wz, qs, bias_t, m, n, k, q.stride(0),
-                                             wd.stride(0), c.stride(0), stride_ws, stride_qs, **kw)
+                                             wd.stride(0), c.stride(0), ws.stride(0) if group_k else 0, stride_qs,
+                                             **kw)
             return fn
-        b_desc = _weight_desc(wd, n, bn, bk // 2)
         a_kb = bk if perm_mode == 2 else bk // 2
         epi_tma = kind.startswith("swapts")
         per_sm = 2 if kind.endswith("2") else 1
 
-        def fn(q, a_scale, a_qsum, bias_t, c, m):
+        def fn(q, a_scale, a_qsum, wd, ws, wz, bias_t, c, m):
             qs, stride_qs = (a_qsum, a_qsum.stride(0)) if use_qsum else (a_scale, 0)
             a_desc = TensorDescriptor(q, [m, k], [q.stride(0), 1], [bm, a_kb])
+            b_desc = TensorDescriptor(wd, [n, wd.shape[1]], [wd.stride(0), 1], [bn, bk // 2])
             c_arg = TensorDescriptor(c, [m, n], [c.stride(0), 1], [bm, bn]) if epi_tma else c
             progs = min(nsm * per_sm, _cdiv(m, bm) * _cdiv(n, bn))
             return _w4_swap_tma_kernel[(progs,)](a_desc, b_desc, c_arg, a_scale, ws, wz, qs, bias_t, m, n, k,
-                                                 c.stride(0), stride_ws, stride_qs, progs, EPI_TMA=epi_tma, **kw)
+                                                 c.stride(0), ws.stride(0) if group_k else 0, stride_qs, progs,
+                                                 EPI_TMA=epi_tma, **kw)
         return fn
     if kind == "ptr":
         kw = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, EVEN_K=k % bk == 0, num_stages=st, num_warps=nw,
                   **flags)
 
-        def fn(q, a_scale, a_qsum, bias_t, c, m):
+        def fn(q, a_scale, a_qsum, wd, ws, wz, bias_t, c, m):
             qs, stride_qs = (a_qsum, a_qsum.stride(0)) if use_qsum else (a_scale, 0)
             grid = (_cdiv(m, bm) * _cdiv(n, bn),)
             return _qgemm_kernel[grid](q, wd, c, a_scale, ws, wz, qs, bias_t, m, n, k, q.stride(0), wd.stride(0),
-                                       c.stride(0), stride_ws, stride_qs, **kw)
+                                       c.stride(0), ws.stride(0) if group_k else 0, stride_qs, **kw)
         return fn
     kb = bk // 2 if w_int4 else bk
     a_kb = kb if perm_mode == 1 else bk
-    b_desc = _weight_desc(wd, n, bn, kb)
     epi_tma = kind.startswith("tmas")
     per_sm = 2 if kind.endswith("2") else 1
     kw = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, EPI_TMA=epi_tma, num_stages=st, num_warps=nw, **flags)
 
-    def fn(q, a_scale, a_qsum, bias_t, c, m):
+    def fn(q, a_scale, a_qsum, wd, ws, wz, bias_t, c, m):
         qs, stride_qs = (a_qsum, a_qsum.stride(0)) if use_qsum else (a_scale, 0)
         a_desc = TensorDescriptor(q, [m, k], [q.stride(0), 1], [bm, a_kb])
+        b_desc = TensorDescriptor(wd, [n, wd.shape[1]], [wd.stride(0), 1], [bn, kb])
         c_arg = TensorDescriptor(c, [m, n], [c.stride(0), 1], [bm, bn]) if epi_tma else c
         progs = min(nsm * per_sm, _cdiv(m, bm) * _cdiv(n, bn))
         return _qgemm_tma_kernel[(progs,)](a_desc, b_desc, c_arg, a_scale, ws, wz, qs, bias_t, m, n, k,
-                                           c.stride(0), stride_ws, stride_qs, progs, **kw)
+                                           c.stride(0), ws.stride(0) if group_k else 0, stride_qs, progs, **kw)
     return fn
 
 
@@ -687,11 +680,10 @@ def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False, return_launc
     tma = tma_ok(dev) and q.data_ptr() % 16 == 0 and wd.data_ptr() % 16 == 0 and k % 16 == 0 and \
         (wd.shape[1] * wd.element_size()) % 16 == 0
     tma_store = tma and c.data_ptr() % 16 == 0 and (c.stride(0) * c.element_size()) % 16 == 0 and c.stride(1) == 1
-    setup = (wd, ws, wz, n, k, group_k, has_zero, bias is not None, magic, u4, perm_mode, str(dev),
-             tuple(flags.items()))
+    setup = (n, k, group_k, has_zero, bias is not None, magic, u4, perm_mode, str(dev), tuple(flags.items()))
 
     def launch(cfg):
-        return launcher(cfg, *setup)(q, a.scale, a.qsum, bias_t, c, m)
+        return launcher(cfg, *setup)(q, a.scale, a.qsum, wd, ws, wz, bias_t, c, m)
 
     key = (m_bucket(m), n, k, str(dev), out_dtype, bias_t.dtype, tma, tma_store, os.environ.get(_KINDS_ENV, ""),
            u4, perm_mode) + tuple(flags.values())

@@ -125,7 +125,9 @@ class LinearPlan:
     and the GEMM launch, with every choice (kernels, configs, int4 layout, weight descriptor) made once.
 
     Eager ComfyUI sampling calls each linear once per step with the same shapes; the first call at a bucket takes the
-    full path (checks, tuning, the speed note) and leaves a plan on the weight tensor, the later ones run this.
+    full path (checks, tuning, the speed note) and leaves a plan on the weight tensor, the later ones run this. The
+    plan holds no tensor of the layer: the weight, its scales, the bias and the multiplier come with each call (so
+    new scales are used, and the plan never keeps a weight alive).
     """
 
     __slots__ = ("aq", "gemm", "k", "n", "qdtype", "qsum_cols")
@@ -133,7 +135,7 @@ class LinearPlan:
     def __init__(self, aq, gemm, k, n, qdtype, qsum_cols):
         self.aq, self.gemm, self.k, self.n, self.qdtype, self.qsum_cols = aq, gemm, k, n, qdtype, qsum_cols
 
-    def __call__(self, x2, mult, bias, static_scale):
+    def __call__(self, x2, w, mult, bias, static_scale):
         m = x2.shape[0]
         dev = x2.device
         q = torch.empty((m, self.k), device=dev, dtype=self.qdtype)
@@ -143,8 +145,18 @@ class LinearPlan:
         self.aq(x2, scale if mult is None else mult, q, scale, scale if qsum is None else qsum, sscale, m,
                 0 if qsum is None else qsum.stride(0))
         c = torch.empty((m, self.n), device=dev, dtype=x2.dtype)
-        self.gemm(q, scale, qsum, scale if bias is None else bias, c, m)
+        self.gemm(q, scale, qsum, w.data, w.scale, w.scale if w.zero is None else w.zero,
+                  scale if bias is None else bias, c, m)
         return c
+
+
+def _plain(x2, w, mult, bias) -> bool:
+    """Do the call's tensors need none of the conversions the full path makes (the only calls a plan may run)?"""
+    s, z = w.scale, w.zero
+    return (w.data.is_contiguous() and s.dtype == torch.float32 and s.is_contiguous()
+            and (z is None or (z.dtype == torch.float32 and z.is_contiguous()))
+            and (mult is None or (mult.dim() == 1 and mult.is_contiguous() and mult.device == x2.device))
+            and (bias is None or bias.is_contiguous()))
 
 
 try:  # os.environ.get encodes the key on every call (~1 us); its backing dict is read directly, same values
@@ -170,10 +182,10 @@ def quant_linear(x, w, bias, mult=None, had_block=0, act_fmt="int8", act_qmax=12
     forced = _aq.tuner.force is not None or _gemm.tuner.force is not None
     if not forced and x2.shape[0]:
         plans = getattr(w.data, "_viditq_plans", None)
-        if plans:
+        if plans and _plain(x2, w, mult, bias):
             plan = plans.get(_plan_key(x2, bias, mult, had_block, act_fmt, act_qmax, static_scale, sum_group))
             if plan is not None:
-                return plan(x2, mult, bias, static_scale)
+                return plan(x2, w, mult, bias, static_scale)
     if act_fmt == "fp8" and not fp8_ok(x.device):
         _note_once(f"fp8 GEMM needs an sm89+ GPU; {x.device} uses the torch reference")
         return None
@@ -218,10 +230,8 @@ def quant_linear(x, w, bias, mult=None, had_block=0, act_fmt="int8", act_qmax=12
     y, aq_fn, gemm_fn, a = run_with(perm, return_launch=True)
     if y is not None and x2.is_cuda and not _aq.INTERPRET:
         _check_speed(x2, w, x2.shape[0], k, w.out_features, act_fmt, run)
-    # keep the plan only where the steady-state call needs no conversion the full path made
-    plain_mult = mult is None or (mult.dim() == 1 and mult.is_contiguous() and mult.device == x2.device)
-    plain_bias = bias is None or bias.is_contiguous()
-    if y is not None and aq_fn is not None and gemm_fn is not None and not forced and plain_mult and plain_bias:
+    # keep a plan only for calls that need no conversion the full path made (checked again on every reuse)
+    if y is not None and aq_fn is not None and gemm_fn is not None and not forced and _plain(x2, w, mult, bias):
         qsum_cols = 0 if a.qsum is None else a.qsum.shape[1]
         key = _plan_key(x2, bias, mult, had_block, act_fmt, act_qmax, static_scale, sum_group)
         _gemm.tensor_cache(w.data, "_viditq_plans")[key] = LinearPlan(aq_fn, gemm_fn, k, w.out_features, a.q.dtype,

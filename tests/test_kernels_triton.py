@@ -443,6 +443,40 @@ def test_quant_linear_plan_reuse(fmt, group, asym, had, static, monkeypatch):
     assert len(w.data._viditq_plans) == 2
 
 
+def test_quant_linear_plan_takes_the_call_tensors():
+    """A plan never runs a call it was not made for: a strided multiplier or bias goes the full path, and a weight
+    with new scales (same codes) uses the new scales; a plan holds no tensor of the layer, so a dropped weight is
+    freed at once (no reference cycle waiting for the garbage collector)."""
+    import gc
+    import weakref
+
+    k, n = 256, 72
+    w = make_w(n, k, "int8")
+    mult = torch.rand(k) + 0.5
+    bias = torch.randn(n)
+
+    def check(w, mult, bias, seed):
+        x = make_x(5, k, torch.float32, seed=seed)
+        y = triton_ops.quant_linear(x, w, bias, mult, 16, "int8", 127, None, 0)
+        r = reference.quantized_matmul(reference.quantize_activation(x, mult, 16, "int8", 127, None, 0), w, bias,
+                                       torch.float64)
+        assert rel_err(y, r) < 3e-3
+
+    check(w, mult, bias, 1)  # makes the plan
+    assert len(w.data._viditq_plans) == 1
+    check(w, (torch.rand(2 * k) + 0.5)[::2], bias, 2)  # strided multiplier
+    check(w, mult, torch.randn(2 * n)[::2], 3)  # strided bias
+    w2 = QuantizedWeight(data=w.data, scale=w.scale * 3.0, zero=None, fmt="int8", in_features=k)
+    check(w2, mult, bias, 4)  # same codes, new scales
+    gc.disable()
+    try:
+        data = weakref.ref(w.data)
+        del w, w2
+        assert data() is None, "a plan keeps the weight alive"
+    finally:
+        gc.enable()
+
+
 def test_quant_linear_unsupported_is_none():
     x = torch.randn(4, 192)
     assert triton_ops.quant_linear(x, make_w(8, 192, "int8"), None, None, 0, "fp8", 127, None, 0) is None

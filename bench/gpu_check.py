@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""GPU check of every fast path against the torch reference (never run in CI): QuantLinear on its first call (full
+path) and on its cached launch plan, for each preset and a few token counts; and a small quantized PixArt under
+torch.compile(mode="reduce-overhead") in a fresh process (device constants first built inside Inductor's CUDA-graph
+warm-up), compared with eager. Prints a table and writes <out>/gpu_check_<gpu>.json.
+
+    python bench/gpu_check.py --out bench/results
+"""
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from _viditq import import_viditq  # noqa: E402
+
+import_viditq()
+from viditq.kernels import reference  # noqa: E402
+from viditq.models.pixart import PixArt, pixart_config_from_state_dict  # noqa: E402
+from viditq.models.tiny_pixart import build_tiny_pixart_state_dict  # noqa: E402
+from viditq.quant_core import build_quant_layers, get_preset, replace_layers  # noqa: E402
+from viditq.quant_core.quant_linear import QuantLinear  # noqa: E402
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def reference_linear(layer, x):
+    w = layer.quantized_weight()
+    sg = (w.group_size or w.in_features) if w.zero is not None else 0
+    a = reference.quantize_activation(x, layer.act_mult, layer.had_block, layer.act_fmt, layer.act_qmax,
+                                      layer.static_scale, sg)
+    return reference.quantized_matmul(a, w, layer.bias, torch.float64).reshape(*x.shape[:-1], w.out_features)
+
+
+def check_layers(rows):
+    g = torch.Generator().manual_seed(0)
+    for k, n in ((1152, 4608), (4608, 1152)):
+        lin = torch.nn.Linear(k, n).cuda().to(torch.bfloat16)
+        absmax = (torch.rand(k, generator=g) * 4 + 0.5).cuda()
+        for preset in ("w8a8", "w8a8-fp8", "w8a8-smoothquant", "w4a8", "w4a8-g128"):
+            layer = QuantLinear.from_linear(lin, f"blocks.0.mlp.fc{1 if k == 1152 else 2}", get_preset(preset), absmax,
+                                            "auto").cuda()
+            for m in (7, 2048, 2000, 2048):  # 2000 and the second 2048 run the bucket's plan
+                x = (torch.randn(m, k, generator=g) * 2).cuda().to(torch.bfloat16)
+                err = rel_err(layer(x), reference_linear(layer, x))
+                plans = len(getattr(layer.qweight, "_viditq_plans", {}))
+                rows.append({"check": "QuantLinear", "preset": preset, "K": k, "N": n, "M": m, "rel_err": err,
+                             "plans": plans, "ok": err < (0.03 if "fp8" in preset else 0.01)})
+
+
+def check_compiled(rows):
+    sd = build_tiny_pixart_state_dict(0, hidden=1152, depth=2, caption_channels=4096, token_num=120)
+    model = PixArt(**pixart_config_from_state_dict(sd))
+    model.load_state_dict(sd)
+    model = model.cuda().to(torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 64, 64, generator=g).cuda().to(torch.bfloat16)
+    t = torch.tensor([500.0, 500.0]).cuda()
+    ctx = torch.randn(2, 120, 4096, generator=g).cuda().to(torch.bfloat16)
+    for preset in ("w8a8", "w8a8-smoothquant"):
+        layers, _ = build_quant_layers(model, get_preset(preset), None, None, "auto")
+        old = replace_layers(model, layers)
+        torch._dynamo.reset()
+        try:
+            compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+            t0 = time.time()
+            with torch.no_grad():
+                outs = [compiled(x, t, ctx).clone() for _ in range(4)]
+                eager = model(x, t, ctx)
+            rows.append({"check": "compile reduce-overhead", "preset": preset, "seconds": round(time.time() - t0, 1),
+                         "rel_err_vs_eager": rel_err(outs[-1], eager),
+                         "replays_equal": all(torch.equal(outs[1], o) for o in outs[2:]),
+                         "ok": rel_err(outs[-1], eager) < 0.05 and all(torch.equal(outs[1], o) for o in outs[2:])})
+        except Exception as e:
+            rows.append({"check": "compile reduce-overhead", "preset": preset, "ok": False,
+                         "error": f"{type(e).__name__}: {str(e)[:500]}"})
+        finally:
+            replace_layers(model, old)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check.py needs a CUDA GPU")
+    rows = []
+    check_compiled(rows)  # first: no device constant exists yet in this process
+    check_layers(rows)
+    gpu = torch.cuda.get_device_name()
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"gpu_check_{gpu.lower().replace(' ', '_').replace('-', '_')}.json"
+    path.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "command": "python bench/gpu_check.py",
+                                "rows": rows}, indent=1))
+    for r in rows:
+        print({k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()})
+    bad = [r for r in rows if not r["ok"]]
+    print(f"\n{len(rows) - len(bad)} of {len(rows)} checks passed on {gpu}; wrote {path}")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()

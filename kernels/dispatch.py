@@ -79,12 +79,10 @@ COMPILE_QUANT_ENV = "VIDITQ_COMPILE_QUANT"  # auto | torch | kernel: how compile
 
 def _quantize_in_torch(w: QuantizedWeight, had_block: int) -> bool:
     """Under torch.compile: quantize activations with torch code (Inductor fuses it into the producer) or call the
-    fused Triton quantize + GEMM op. auto: torch where there is no rotation and the weights are int8 / fp8 (the int4
-    GEMM reads the codes in its own channel order, which only the Triton quantize writes) and rows are short
-    (K <= 2048: LayerNorm+modulate feeding qkv / fc1 / q). Longer rows (fc2's K = 4608 after GELU) keep our kernel:
-    Inductor loops over such a row twice and re-computes the GELU (0.11 ms per PixArt block at 1024 px, against
-    about 0.09 for its GELU plus our quantize; bench/NOTES_e2e.md). Rotated layers keep the Triton kernel too (a
-    block Hadamard is a matmul Inductor does not fuse)."""
+    fused Triton quantize + GEMM op. auto: torch where there is no rotation (a row reduction and a cast: Inductor
+    fuses them well) and the weights are int8 / fp8 (the int4 GEMM reads the codes in its own channel order, which
+    only the Triton quantize writes); rotated layers keep the Triton kernel (a block Hadamard is a matmul Inductor
+    does not fuse)."""
     mode = os.environ.get(COMPILE_QUANT_ENV, "auto").strip().lower()
     if mode not in ("auto", "torch", "kernel"):
         raise ValueError(f"{COMPILE_QUANT_ENV} must be auto, torch or kernel, got {mode!r}")
@@ -94,10 +92,7 @@ def _quantize_in_torch(w: QuantizedWeight, had_block: int) -> bool:
         return True
     if w.fmt == "fp8" and w.data.is_cuda and not _native_fp8(w.data.device.index or 0):
         return False  # Inductor's fp8 casts need sm89+; the op's kernel path falls back to the reference instead
-    return had_block <= 1 and w.fmt in ("int8", "fp8") and w.in_features <= AUTO_TORCH_MAX_K
-
-
-AUTO_TORCH_MAX_K = 2048
+    return had_block <= 1 and w.fmt in ("int8", "fp8")
 
 
 @torch.compiler.assume_constant_result

@@ -292,13 +292,6 @@ def test_compile_quant_auto_choice(preset, torch_quant, monkeypatch):
         dispatch._quantize_in_torch(layer.quantized_weight(), layer.had_block)
 
 
-def test_compile_quant_auto_keeps_the_kernel_for_long_rows(monkeypatch):
-    monkeypatch.delenv(dispatch.COMPILE_QUANT_ENV, raising=False)
-    w = _layer("w8a8-smoothquant").quantized_weight()
-    long_row = type(w)(data=w.data.repeat(1, 9), scale=w.scale, zero=None, fmt=w.fmt, in_features=K * 9)
-    assert dispatch._quantize_in_torch(w, 0) and not dispatch._quantize_in_torch(long_row, 0)  # K 256 vs 2304
-
-
 def test_quantized_matmul_op_opcheck():
     layer, x = _layer("w8a8-smoothquant"), _x(5)
     from viditq.kernels import reference

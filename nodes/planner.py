@@ -219,7 +219,11 @@ class ViDiTQPlanner(io.ComfyNode):
         runner = ComfyRunner(model, dict(seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
                                          scheduler=scheduler, positive=positive, negative=negative,
                                          latent_image=latent_image))
-        decode = vae_decoder(vae, "ViDiT-Q Planner") if vae is not None else None
+        decode = None
+        if vae is not None and "visual" in scorers:  # the scorer decodes for itself: one VAE decode per run, not two
+            log.info("ViDiT-Q Planner: visual_scorer is connected, so the planner's own vae input is not used")
+        elif vae is not None:
+            decode = vae_decoder(vae, "ViDiT-Q Planner")
         ms = model.get_model_object("model_sampling")
         settings = PlannerSettings(budget=budget, budget_unit=budget_unit, timestep_ranges=timestep_ranges,
                                    per_range=per_range_plan, granularity=granularity, seed=seed,

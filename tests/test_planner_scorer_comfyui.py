@@ -164,8 +164,9 @@ def test_planner_node_scores_with_the_connected_scorers(env):
     plain = env["planner"].execute(env["model"], **a, **plan_args(), calib=env["calib"]).args[0]
     (text_scorer,) = env["clip_node"].execute(env["vision"], env["clip"], env["vae"], PROMPT).args
     (visual_scorer,) = env["image_node"].execute(env["vae"], "clip_image", "center", env["vision"]).args
-    out = env["planner"].execute(env["model"], **a, **plan_args(), calib=env["calib"], text_scorer=text_scorer,
-                                 visual_scorer=visual_scorer)
+    # with the planner's own vae connected too: the visual scorer decodes, the planner does not (one decode per run)
+    out = env["planner"].execute(env["model"], **a, **plan_args(), calib=env["calib"], vae=env["vae"],
+                                 text_scorer=text_scorer, visual_scorer=visual_scorer)
     plan, heat, _ = out.args
     info = plan.info["planner"]
     assert not info["sweep_reused"] and info["runs"] == 1 + 3 * 2 + 1 + 2
@@ -173,6 +174,7 @@ def test_planner_node_scores_with_the_connected_scorers(env):
     assert "CLIP score change vs FP16" in out.ui["text"][0] and "CLIP image-embedding drift" in out.ui["text"][0]
     ev = plan.info["evaluation"]
     assert {"clip_score", "clip_score_fp16", "clip_image_cosine"} <= set(ev["plan"]) & set(ev["uniform_low"])
+    assert "image_ssim" not in ev["plan"]  # no decode through the planner's vae
     assert plain.info["planner"]["scorers"]["text"].startswith("built-in proxy")
     assert heat.ndim == 4 and float(heat.std()) > 0.05
     # each scorer changed the sensitivity of its own metric's units
@@ -180,7 +182,7 @@ def test_planner_node_scores_with_the_connected_scorers(env):
         assert row["score_by_range"] != plain.info["sensitivity"][unit]["score_by_range"], unit
     # the same scorers again with another budget: the sweep is reused (the scorer nodes' outputs are cached)
     again = env["planner"].execute(env["model"], **a, **dict(plan_args(), budget=5.5), calib=env["calib"],
-                                   text_scorer=text_scorer, visual_scorer=visual_scorer).args[0]
+                                   vae=env["vae"], text_scorer=text_scorer, visual_scorer=visual_scorer).args[0]
     assert again.info["planner"]["sweep_reused"] and again.info["planner"]["scorers"] == info["scorers"]
     assert again.info["sensitivity"] == {u: dict(r, bits_by_range=again.info["sensitivity"][u]["bits_by_range"])
                                          for u, r in plan.info["sensitivity"].items()}

@@ -4,7 +4,6 @@
     python bench/run_train_toy.py --out OUT_DIR [--steps N]
 """
 import pathlib
-import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 from _viditq import import_viditq  # noqa: E402  (bench/_viditq.py, beside this script)

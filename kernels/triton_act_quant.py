@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .types import FP8_E4M3_MAX, SCALE_EPS, QuantizedActivation
+from .types import FP8_E4M3_MAX, QuantizedActivation
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _RNE_MAGIC = 12582912.0  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 to the nearest integer, ties to even

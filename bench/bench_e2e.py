@@ -54,9 +54,10 @@ T_START = time.time()
 
 ALL_VARIANTS = ["fp16", "fp16_attn_fp8", "w8a8_int8", "w8a8_fp8", "w8a8_fp8_attn", "torchao_int8", "torchao_fp8",
                 "comfy_fp8_fast_equiv", "w4a8_plan", "w8a8_fp8_norot", "fp16_compile", "w8a8_fp8_compile",
-                "w8a8_fp8_norot_compile", "w8a8_sq_compile", "w8a8_sq_kcompile", "w8a8_full", "torchao_int8_compile"]
+                "w8a8_fp8_norot_compile", "w8a8_sq_compile", "w8a8_sq_kcompile", "w8a8_full", "torchao_int8_compile",
+                "w8a8_sq_fused", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile"]
 COMPILED = {"w8a8_full", "torchao_int8_compile", "fp16_compile", "w8a8_fp8_compile", "w8a8_fp8_norot_compile",
-            "w8a8_sq_compile", "w8a8_sq_kcompile"}
+            "w8a8_sq_compile", "w8a8_sq_kcompile", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile"}
 # our variants: (preset, config changes, quantized attention, compiled, activation quantize under compile)
 OURS = {"w8a8_int8": ("w8a8", {}, None, False, None), "w8a8_fp8": ("w8a8-fp8", {}, None, False, None),
         "w8a8_fp8_attn": ("w8a8-fp8", {}, "fp8", False, None), "w4a8_plan": ("w4a8", {}, None, False, None),
@@ -65,7 +66,13 @@ OURS = {"w8a8_int8": ("w8a8", {}, None, False, None), "w8a8_fp8": ("w8a8-fp8", {
         "w8a8_fp8_norot_compile": ("w8a8-fp8", {"rotate": False}, None, True, "torch"),
         "w8a8_sq_compile": ("w8a8-smoothquant", {}, None, True, "torch"),
         "w8a8_sq_kcompile": ("w8a8-smoothquant", {}, None, True, "kernel"),
-        "w8a8_full": ("w8a8-fp8", {}, "fp8", True, "kernel")}
+        "w8a8_full": ("w8a8-fp8", {}, "fp8", True, "kernel"),
+        # with quant_core/fusions.py: GELU and LayerNorm+modulate run inside our quantize kernel (the rows above
+        # are without it, as measured before it existed)
+        "w8a8_sq_fused": ("w8a8-smoothquant", {}, None, False, None),
+        "w8a8_sq_fcompile": ("w8a8-smoothquant", {}, None, True, "torch"),
+        "w8a8_fp8_norot_fcompile": ("w8a8-fp8", {"rotate": False}, None, True, "torch")}
+FUSED = {"w8a8_sq_fused", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile"}
 
 
 def _parse():
@@ -113,7 +120,8 @@ def _import_pkg():
 _import_pkg()
 from viditq.models.pixart import PixArt, pixart_config_from_state_dict  # noqa: E402
 from viditq.models.tiny_pixart import build_tiny_pixart_state_dict  # noqa: E402
-from viditq.quant_core import QuantPlan, build_quant_layers, describe_model, get_preset, replace_layers  # noqa: E402
+from viditq.quant_core import (QuantPlan, build_quant_layers, describe_model, get_preset,  # noqa: E402
+                               install_quant_layers, replace_layers)
 from viditq.quant_core.attention import set_pixart_attention  # noqa: E402
 
 
@@ -156,7 +164,7 @@ def attention_quality(steps: int = 20):
             row[f"fp_linears+attn_{attn}"] = compare(ref, sample())["psnr_db"]
             set_pixart_attention(model, "off")
         q, _ = build_quant_layers(model, get_preset("w8a8"), calib, None, "torch")
-        old = replace_layers(model, q)
+        old = install_quant_layers(model, q)
         try:
             row["w8a8"] = compare(ref, sample())["psnr_db"]
             for attn in ("fp8", "int8"):
@@ -714,7 +722,9 @@ def kernel_kind(name: str) -> str:
     n = name.lower()
     if n.startswith("triton_") and ("amax" in n or "quant" in n):  # Inductor-generated, named after what it fused
         return "inductor_fused_quantize"
-    if "_act_quant" in n:
+    if "_prologue_quant" in n:
+        return "prologue_quantize"
+    if "_act_quant" in n or "_aq_" in n:
         return "act_quantize"
     if "_attn_fwd" in n or "_kv_prep" in n or "flash" in n or "fmha" in n or "attention" in n or "sdpa" in n \
             or "cudnn" in n and "attn" in n:
@@ -876,8 +886,10 @@ def main():
                 cfg = dataclasses.replace(get_preset(preset), **changes)
                 plan = plan_mlp8(model) if v == "w4a8_plan" else None
                 layers, summary = build_quant_layers(model, cfg, None, plan, "auto")
-                old = replace_layers(model, layers)
-                extra = {"preset": preset, "calibrated": False, "quantized_linears": len(layers)}
+                old = (install_quant_layers if v in FUSED else replace_layers)(model, layers)
+                extra = {"preset": preset, "calibrated": False, "quantized_linears": len(layers),
+                         "fused_producers": sum(1 for q in layers.values()
+                                                if getattr(q, "input_act", None) or getattr(q, "norm_eps", None))}
                 if changes:
                     extra["config_changes"] = changes
                 if attn:
@@ -920,7 +932,7 @@ def main():
             if v == "fp16" and not ARGS.no_profile and 1024 in RESOLUTIONS:
                 profiles["fp16"] = profile_step("fp16", target, 1024)
             if v in ("w8a8_fp8_attn", "w8a8_full", "w8a8_fp8_compile", "w8a8_fp8_norot_compile", "w8a8_sq_compile",
-                     "fp16_compile") and not ARGS.no_profile and 1024 in RESOLUTIONS \
+                     "fp16_compile", "w8a8_sq_fcompile") and not ARGS.no_profile and 1024 in RESOLUTIONS \
                     and elapsed() < ARGS.budget_s:
                 try:
                     profiles[v] = profile_step(v, target, 1024)

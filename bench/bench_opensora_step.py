@@ -73,7 +73,7 @@ def compiled_rows(result, args, model, layers, calib, step, ref, fp_s, cuda, pre
     """FP16 and each preset with every block compiled (regional compile: the 28 blocks share one graph)."""
     import torch._dynamo
 
-    from viditq.quant_core import build_quant_layers, get_preset, replace_layers
+    from viditq.quant_core import build_quant_layers, get_preset, install_quant_layers, replace_layers
     from viditq.quant_core.metrics import compare
 
     options = None if args.dry else {"coordinate_descent_tuning": True, "triton.multi_kernel": 1}
@@ -82,14 +82,18 @@ def compiled_rows(result, args, model, layers, calib, step, ref, fp_s, cuda, pre
     import os
 
     for spec in ["fp16"] + presets:
-        preset, _, quant_mode = spec.partition("@")  # "w8a8-smoothquant@kernel": VIDITQ_COMPILE_QUANT for this row
-        os.environ["VIDITQ_COMPILE_QUANT"] = quant_mode or "auto"
+        # "w8a8-smoothquant@kernel": VIDITQ_COMPILE_QUANT for this row; "@nofuse" / "@torch+nofuse": VIDITQ_FUSE=0
+        preset, _, opts = spec.partition("@")
+        opts = opts.split("+") if opts else []
+        quant_mode = next((o for o in opts if o != "nofuse"), "auto")
+        os.environ["VIDITQ_COMPILE_QUANT"] = quant_mode
+        os.environ["VIDITQ_FUSE"] = "0" if "nofuse" in opts else "1"
         t0 = time.perf_counter()
         old = None
         try:
             if preset != "fp16":
                 q, _ = build_quant_layers(model, get_preset(preset), calib, backend=args.backend)
-                old = replace_layers(model, q)
+                old = install_quant_layers(model, q)
             for blk in model.blocks:
                 blk.compile(options=options, backend="inductor" if cuda else "aot_eager")
             out = step().float()
@@ -111,6 +115,7 @@ def compiled_rows(result, args, model, layers, calib, step, ref, fp_s, cuda, pre
                 replace_layers(model, old)
             torch._dynamo.reset()
             os.environ.pop("VIDITQ_COMPILE_QUANT", None)
+            os.environ.pop("VIDITQ_FUSE", None)
         result["rows"].append(row)
         print(f"compiled {spec}: {row}", flush=True)
 
@@ -125,7 +130,8 @@ def main():
     from viditq.models.opensora.stdit import STDiT
     from viditq.models.opensora.tiny import build_tiny_opensora_state_dict
     from viditq.models.tiny_pixart import pseudo_caption
-    from viditq.quant_core import Calibrator, build_quant_layers, describe_model, get_preset, replace_layers
+    from viditq.quant_core import (Calibrator, build_quant_layers, describe_model, get_preset, install_quant_layers,
+                                   replace_layers)
     from viditq.quant_core.metrics import compare
 
     cuda = not args.dry
@@ -166,7 +172,7 @@ def main():
         step()
     calib = cal.result(fingerprint)
     qlayers, summary = build_quant_layers(model, get_preset(args.preset), calib, backend=args.backend)
-    fp_layers = replace_layers(model, qlayers)
+    fp_layers = install_quant_layers(model, qlayers)
     del qlayers
     if cuda:
         torch.cuda.empty_cache()

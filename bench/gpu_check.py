@@ -22,7 +22,7 @@ import_viditq()
 from viditq.kernels import reference  # noqa: E402
 from viditq.models.pixart import PixArt, pixart_config_from_state_dict  # noqa: E402
 from viditq.models.tiny_pixart import build_tiny_pixart_state_dict  # noqa: E402
-from viditq.quant_core import build_quant_layers, get_preset, replace_layers  # noqa: E402
+from viditq.quant_core import build_quant_layers, get_preset, install_quant_layers, replace_layers  # noqa: E402
 from viditq.quant_core.quant_linear import QuantLinear  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def check_compiled(rows):
     ctx = torch.randn(2, 120, 4096, generator=g).cuda().to(torch.bfloat16)
     for preset in ("w8a8", "w8a8-smoothquant"):
         layers, _ = build_quant_layers(model, get_preset(preset), None, None, "auto")
-        old = replace_layers(model, layers)
+        old = install_quant_layers(model, layers)
         torch._dynamo.reset()
         try:
             compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)

@@ -7,7 +7,8 @@ import torch
 
 from ..models.pixart import PixArt, pixart_config_from_state_dict
 from ..models.tiny_pixart import build_tiny_pixart_state_dict, pseudo_caption
-from ..quant_core import Calibrator, build_quant_layers, describe_model, get_preset, replace_layers
+from ..quant_core import (Calibrator, build_quant_layers, describe_model, get_preset, install_quant_layers,
+                          replace_layers)
 from ..quant_core.metrics import psnr_db
 from ..quant_core.temporal import temporal_metrics
 from ..standalone.sampler import sample_euler_cfg
@@ -165,7 +166,7 @@ def evaluate(em: EvalModel, presets: List[str], steps: int = 20, cfg: float = 4.
             base = preset.split("+")[0]
             plan = (make_plan or plan_w4a8)(em, calib, steps, cfg)
         q_layers, summary = build_quant_layers(em.model, get_preset(base), calib, plan)
-        old = replace_layers(em.model, q_layers)
+        old = install_quant_layers(em.model, q_layers)
         try:
             out, seconds = sample()
         finally:

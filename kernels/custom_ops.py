@@ -4,6 +4,8 @@ opaque op each instead of tracing into Triton's host-side code.
   viditq::quant_linear         the QuantLinear call (kernels.dispatch.quant_linear) on plain tensors and scalars
   viditq::quantized_matmul     the GEMM alone, on activations quantized by compiled torch code (see dispatch:
                                Inductor then fuses the quantize into the op producing x: LayerNorm+modulate, GELU)
+  viditq::prologue_quantize    GELU or LayerNorm+modulate fused into the per-token quantize (q, scale), for the
+                               layers quant_core/fusions.py fuses (its GEMM is viditq::quantized_matmul)
   viditq::quantized_attention  the quantized attention call (kernels.dispatch.quantized_attention, which
                                quant_core.attention.quantized_attention calls)
 
@@ -24,7 +26,7 @@ Output layouts are fixed per op (Inductor asserts the real strides against the f
 Inference only: the outputs are marked non-differentiable (no gradient flows through a quantized op, as with the
 Triton kernels in eager), so compiled models also run with grad-requiring inputs (e.g. outside torch.no_grad).
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -50,7 +52,7 @@ def _define(name: str, impl, fake):
 def _no_grad_setup(ctx, inputs, output):
     # quantized forwards have no gradient (rounding), and the Triton kernels give outputs without one in eager:
     # under autograd the output is a constant, so compiled code with grad-requiring inputs works as eager does
-    ctx.mark_non_differentiable(output)
+    ctx.mark_non_differentiable(*(output if isinstance(output, tuple) else (output,)))
 
 
 def _no_grad_backward(ctx, grad):
@@ -130,6 +132,24 @@ def _quantized_matmul_fake(q, scale, qsum, w_data, w_scale, w_zero, bias, w_fmt,
     return q.new_empty((q.shape[0], w_data.shape[0]), dtype=out_dtype)
 
 
+# ---- viditq::prologue_quantize -----------------------------------------------------------------------------------
+def _prologue_quantize(x: torch.Tensor, prologue: str, shift: Optional[torch.Tensor], scale: Optional[torch.Tensor],
+                       rows_per_sample: int, eps: float, mult: Optional[torch.Tensor], fmt: str, qmax: int,
+                       backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(q [M, K], scale [M]) = per-token quantize of prologue(x) * mult (dispatch.prologue_quant_linear)."""
+    from . import dispatch
+
+    a = dispatch.prologue_quantize_impl(x, prologue, shift, scale, rows_per_sample, eps, mult, fmt, qmax, backend)
+    return a.q.contiguous(), a.scale.contiguous()
+
+
+def _prologue_quantize_fake(x, prologue, shift, scale, rows_per_sample, eps, mult, fmt, qmax, backend):
+    x2 = x.reshape(-1, x.shape[-1])
+    q = x2.new_empty(x2.shape, dtype=torch.float8_e4m3fn if fmt == "fp8" else torch.int8)
+    return q, x2.new_empty(x2.shape[:1], dtype=torch.float32)
+
+
 quant_linear = _define("quant_linear", _quant_linear, _quant_linear_fake)
 quantized_matmul = _define("quantized_matmul", _quantized_matmul, _quantized_matmul_fake)
+prologue_quantize = _define("prologue_quantize", _prologue_quantize, _prologue_quantize_fake)
 quantized_attention = _define("quantized_attention", _quantized_attention, _quantized_attention_fake)

@@ -139,6 +139,39 @@ def quantize_activation(x, mult=None, had_block=0, fmt="int8", qmax=127, static_
     return reference.quantize_activation(x, mult, had_block, fmt, qmax, static_scale, sum_group)
 
 
+def prologue_quant_linear(x: torch.Tensor, prologue: str, shift: Optional[torch.Tensor],
+                          scale: Optional[torch.Tensor], rows_per_sample: int, eps: float, w: QuantizedWeight,
+                          bias: Optional[torch.Tensor], mult: Optional[torch.Tensor] = None, act_fmt: str = "int8",
+                          act_qmax: int = 127, backend: Optional[str] = "auto") -> torch.Tensor:
+    """quant_linear with the producer's elementwise work fused into the quantize (reference.apply_prologue: GELU,
+    or LayerNorm + adaLN modulate): y = quantize(prologue(x) * mult) @ W^T + bias. For unrotated layers with
+    dynamic scales and symmetric int8 / fp8 weights (quant_core/fusions.py picks them)."""
+    if torch.compiler.is_compiling():
+        q, s = custom_ops.prologue_quantize(x, prologue, shift, scale, rows_per_sample, eps, mult, act_fmt,
+                                            act_qmax, backend or "auto")
+        y = custom_ops.quantized_matmul(q, s, None, w.data, w.scale, w.zero, bias, w.fmt, w.in_features,
+                                        w.group_size, x.dtype, backend or "auto")
+    else:
+        a = prologue_quantize_impl(x, prologue, shift, scale, rows_per_sample, eps, mult, act_fmt, act_qmax,
+                                   backend)
+        y = quantized_matmul_impl(a, w, bias, x.dtype, backend)
+    return y.reshape(*x.shape[:-1], w.out_features)
+
+
+def prologue_quantize_impl(x, prologue, shift=None, scale=None, rows_per_sample=0, eps=1e-6, mult=None,
+                           fmt="int8", qmax=127, backend: Optional[str] = "auto") -> QuantizedActivation:
+    """reference.prologue_quantize, on the Triton kernel where it runs."""
+    if resolve_backend(backend, x.device) == "triton":
+        from . import triton_ops, triton_prologue_quant
+
+        if fmt != "fp8" or triton_ops.fp8_ok(x.device):
+            a = triton_prologue_quant.prologue_quantize(x, prologue, shift, scale, rows_per_sample, eps, mult, fmt,
+                                                        qmax)
+            if a is not None:
+                return a
+    return reference.prologue_quantize(x, prologue, shift, scale, rows_per_sample, eps, mult, fmt, qmax)
+
+
 def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str,
                         backend: Optional[str] = "auto") -> torch.Tensor:
     """Quantized softmax(q k^T / sqrt(d)) v (reference_attention.MODES); q [B, H, Nq, D], k/v [B, H, Nk, D] ->

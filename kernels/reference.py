@@ -131,3 +131,40 @@ def quantized_matmul(
     if bias is not None:
         out = out + bias.float()
     return out.to(out_dtype)
+
+
+PROLOGUES = ("gelu_tanh", "gelu", "norm_modulate")
+
+
+def apply_prologue(x: torch.Tensor, prologue: Optional[str], shift: Optional[torch.Tensor] = None,
+                   scale: Optional[torch.Tensor] = None, rows_per_sample: int = 0, eps: float = 1e-6
+                   ) -> torch.Tensor:
+    """The producer's elementwise work that a fused quantize runs first, in fp32: [..., K] -> float32 [M, K].
+
+    gelu_tanh / gelu: GELU(x). norm_modulate: LayerNorm(x) (no affine) * (1 + scale_b) + shift_b, with b the
+    sample of the row (rows_per_sample rows each; shift / scale [B, 1, K], [B, K] or one [K] vector for all)."""
+    k = x.shape[-1]
+    xf = x.reshape(-1, k).float()
+    if prologue is None:
+        return xf
+    if prologue == "gelu_tanh":
+        return torch.nn.functional.gelu(xf, approximate="tanh")
+    if prologue == "gelu":
+        return torch.nn.functional.gelu(xf)
+    if prologue != "norm_modulate":
+        raise ValueError(f"unknown prologue {prologue!r}; expected one of {PROLOGUES}")
+    m = xf.shape[0]
+    if rows_per_sample <= 0 or m % rows_per_sample:
+        raise ValueError(f"norm_modulate: {m} rows are not whole samples of {rows_per_sample} rows")
+    y = torch.nn.functional.layer_norm(xf, (k,), eps=eps).reshape(m // rows_per_sample, rows_per_sample, k)
+    sh = shift.float().reshape(-1, 1, k)
+    sc = scale.float().reshape(-1, 1, k)
+    return (y * (1 + sc) + sh).reshape(m, k)
+
+
+def prologue_quantize(x: torch.Tensor, prologue: str, shift: Optional[torch.Tensor] = None,
+                      scale: Optional[torch.Tensor] = None, rows_per_sample: int = 0, eps: float = 1e-6,
+                      mult: Optional[torch.Tensor] = None, fmt: str = "int8", qmax: int = 127
+                      ) -> QuantizedActivation:
+    """quantize_activation(apply_prologue(x, ...) , mult): the oracle of kernels/triton_prologue_quant.py."""
+    return quantize_activation(apply_prologue(x, prologue, shift, scale, rows_per_sample, eps), mult, 0, fmt, qmax)

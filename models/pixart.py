@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fused_input import modulated_input
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     half = dim // 2
@@ -103,6 +105,9 @@ class CrossAttention(nn.Module):
 
 
 class PixArtBlock(nn.Module):
+    # (layer, its LayerNorm): inputs the forward builds with modulated_input (quant_core/fusions.py may fuse them)
+    fused_inputs = (("attn.qkv", "norm1"), ("mlp.fc1", "norm2"))
+
     def __init__(self, hidden: int, heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
@@ -117,9 +122,9 @@ class PixArtBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.scale_shift_table[None].to(x.dtype) + t.reshape(b, 6, -1)
         ).chunk(6, dim=1)
-        x = x + gate_msa * self.attn(self.norm1(x) * (1 + scale_msa) + shift_msa)
+        x = x + gate_msa * self.attn(modulated_input(self.attn.qkv, self.norm1, x, shift_msa, scale_msa))
         x = x + self.cross_attn(x, y)
-        return x + gate_mlp * self.mlp(self.norm2(x) * (1 + scale_mlp) + shift_mlp)
+        return x + gate_mlp * self.mlp(modulated_input(self.mlp.fc1, self.norm2, x, shift_mlp, scale_mlp))
 
 
 class FinalLayer(nn.Module):

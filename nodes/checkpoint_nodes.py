@@ -25,6 +25,7 @@ from ..kernels import BACKENDS
 from ..quant_core import QuantLinear
 from ..quant_core.checkpoint import (CheckpointError, TimestepSwitchLinear, install_quantized, read_quantized,
                                      save_quantized)
+from ..quant_core.fusions import fusion_patches
 from .comfy_glue import PREFIX, quant_summary
 
 log = logging.getLogger("vidit_q")
@@ -115,6 +116,8 @@ def load_model(path, backend: str = "auto", dtype: Optional[torch.dtype] = None)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
     for name, layer in ckpt.layers.items():  # the same modules the tree holds: marks the MODEL as quantized
         patcher.add_object_patch(PREFIX + name, layer)
+    for name, obj in fusion_patches(model.diffusion_model, ckpt.layers).items():  # quant_core/fusions.py
+        patcher.add_object_patch(PREFIX + name, obj)
     patcher.model_options["vidit_q"] = ckpt.summary()
     if ckpt.clock is not None:  # a per-timestep-range plan: its layers need the timestep of every call
         from .comfy_glue import install_range_clock

@@ -6,6 +6,7 @@ from comfy_api.latest import io
 from ..kernels import BACKENDS
 from ..quant_core import PRESET_NAMES, build_quant_layers, get_preset
 from ..quant_core.attention import ATTENTION_MODES, attention_forward_patches
+from ..quant_core.fusions import fusion_patches
 from ..quant_core.quant_linear import range_clock_of
 from .comfy_glue import PREFIX, diffusion_model, ensure_not_quantized, fp_lookup, install_range_clock
 from .types import CalibType, PlanType
@@ -59,6 +60,9 @@ class ViDiTQQuantize(io.ComfyNode):
             quantized.add_object_patch(PREFIX + name, layer)
         for name, fn in attn_patches.items():
             quantized.add_object_patch(PREFIX + name, fn)
+        # GELU and LayerNorm+modulate fused into the quantize of the layers they feed (quant_core/fusions.py)
+        for name, obj in fusion_patches(diffusion_model(model), layers).items():
+            quantized.add_object_patch(PREFIX + name, obj)
         clock = range_clock_of(layers)
         if clock is not None:  # a per-timestep-range plan: tell its layers the timestep range of every call
             install_range_clock(quantized, clock)

@@ -622,6 +622,10 @@ def load_quantized(path: PathLike, device: Union[str, torch.device] = "cpu", bac
     with torch.device("meta"):
         model = build(ckpt.shape_dict())
     install_quantized(model, ckpt, dtype=dtype or ckpt.model_dtype)
+    from .apply import replace_layers
+    from .fusions import fusion_patches
+
+    replace_layers(model, fusion_patches(model, ckpt.layers))
     return model.eval(), ckpt
 
 

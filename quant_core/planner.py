@@ -211,7 +211,7 @@ class TorchRunner:
 
     @torch.no_grad()
     def __call__(self, modules: Dict[str, nn.Module], session: TraceSession) -> torch.Tensor:
-        old = replace_layers(self.model, modules)
+        old = replace_layers(self.model, modules)  # no fusions: sweeps run simulated layers
         try:
             def model_fn(*args, **kwargs):
                 return session.call(lambda: self.model(*args, **kwargs))

@@ -5,6 +5,7 @@ Smoothing and rotation are folded into the stored weight at construction; `mult`
 With simulate=True (fake quant, for research and sensitivity sweeps) the same math runs in float through the
 torch reference with a cached dequantized weight.
 """
+import copy
 from typing import Dict, Optional
 
 import torch
@@ -54,6 +55,10 @@ class QuantLinear(nn.Module):
         self.register_buffer("act_mult", act_mult)
         self.register_buffer("static_scale", static_scale)
         self._sim_weight: Optional[torch.Tensor] = None
+        # fusions (quant_core/fusions.py): work of the layer's producer that runs inside its quantize kernel
+        self.input_act: Optional[str] = None  # "gelu_tanh" / "gelu": the MLP's GELU (its act module is Identity)
+        self.norm_eps: Optional[float] = None  # set: the block may arm the LayerNorm + adaLN modulate of x
+        self._armed = None  # (shift, scale, rows_per_sample) for the next call only
 
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -98,7 +103,50 @@ class QuantLinear(nn.Module):
         self.simulate = on
         self._sim_weight = None
 
+    def fusable(self) -> bool:
+        """Can a producer's elementwise work run in this layer's quantize kernel? (unrotated, dynamic scales,
+        symmetric int8 / fp8 weights: what kernels/triton_prologue_quant.py and the GEMM alone cover)"""
+        return (self.had_block <= 1 and self.static_scale is None and self.w_zero is None
+                and self.w_fmt in ("int8", "fp8") and self.a_bits == 8)
+
+    def fused_view(self, input_act: Optional[str] = None, norm_eps: Optional[float] = None) -> "QuantLinear":
+        """The same layer (parameters and buffers shared, not copied) that also runs a producer's work in its
+        quantize: `input_act` (the MLP's GELU, whose module must then be Identity) or, with `norm_eps`, the block's
+        LayerNorm + modulate when armed. A separate object, so the plain layer stays correct wherever it is used
+        unfused (quant_core/fusions.py installs views next to the patches that make them right)."""
+        view = copy.copy(self)  # shares _parameters / _buffers: moving one moves both
+        view.input_act, view.norm_eps, view._armed = input_act, norm_eps, None
+        return view
+
+    def arm_norm_modulate(self, shift: torch.Tensor, scale: torch.Tensor, rows_per_sample: int) -> None:
+        """The next call gets the block's residual x instead of LayerNorm(x) * (1 + scale) + shift and does that
+        itself, fused into the quantize (models/fused_input.modulated_input arms it)."""
+        if self.norm_eps is None:
+            raise RuntimeError("arm_norm_modulate on a layer without a LayerNorm fusion (fusions.py sets norm_eps)")
+        self._armed = (shift, scale, int(rows_per_sample))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        armed = self._armed
+        if armed is not None:  # one call only (Dynamo traces this as a module side effect, graph-break free)
+            self._armed = None
+        prologue = "norm_modulate" if armed is not None else self.input_act
+        if prologue is not None:
+            return self._forward_fused(x, prologue, *(armed or (None, None, 0)))
+        return self._forward_plain(x)
+
+    def _forward_fused(self, x, prologue, shift, scale, rows_per_sample):
+        if self.qweight.device != x.device:
+            self.to(x.device)
+            self._sim_weight = None
+        eps = self.norm_eps if self.norm_eps is not None else 1e-6
+        if self.simulate or not self.fusable():  # the prologue in torch, then the layer as usual
+            xf = kernels.reference.apply_prologue(x, prologue, shift, scale, rows_per_sample, eps)
+            return self._forward_plain(xf.to(x.dtype).reshape(x.shape))
+        return kernels.prologue_quant_linear(x, prologue, shift, scale, rows_per_sample, eps,
+                                             self.quantized_weight(), self.bias, self.act_mult, self.act_fmt,
+                                             self.act_qmax, self.backend)
+
+    def _forward_plain(self, x: torch.Tensor) -> torch.Tensor:
         # torch.compile (fullgraph): everything here traces; kernels.quant_linear is one custom op in the graph
         # (kernels/custom_ops.py). The device test is static under Dynamo (it guards on the buffers' devices): when
         # the layer is where x is, nothing is traced for it; otherwise Dynamo traces the move as a module side
@@ -127,7 +175,9 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, w={self.w_fmt}"
                 f"{'/g' + str(self.group_size) if self.group_size else ''}, a={self.act_fmt}:{self.a_bits}b, "
-                f"hadamard={self.had_block}, smoothed={self.meta.get('smoothed')}")
+                f"hadamard={self.had_block}, smoothed={self.meta.get('smoothed')}"
+                f"{', fused=' + self.input_act if self.input_act else ''}"
+                f"{', fused=norm_modulate' if self.norm_eps is not None else ''}")
 
 
 class RangeClock:

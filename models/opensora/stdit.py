@@ -18,10 +18,13 @@ import torch
 import torch.nn as nn
 
 from .common import (Attention, CaptionEmbedder, CrossAttention, Mlp, PatchEmbed3D, T2IFinalLayer, TimestepEmbedder,
-                     as_caption, cast_like, match_batch, modulate, ops_or_torch, sincos_1d, sincos_2d, unpatchify)
+                     as_caption, cast_like, match_batch, ops_or_torch, sincos_1d, sincos_2d, unpatchify)
+from ..fused_input import modulated_input
 
 
 class STDiTBlock(nn.Module):
+    fused_inputs = (("attn.qkv", "norm1"), ("mlp.fc1", "norm2"))  # as models/pixart.PixArtBlock
+
     def __init__(self, hidden: int, heads: int, mlp_ratio: float = 4.0, operations=None, dtype=None, device=None):
         super().__init__()
         ops = ops_or_torch(operations)
@@ -40,7 +43,7 @@ class STDiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             cast_like(self.scale_shift_table, x)[None] + t.reshape(b, 6, -1)).chunk(6, dim=1)
         # spatial: the tokens of each frame
-        x_s = modulate(self.norm1(x), shift_msa, scale_msa).reshape(b * frames, s, c)
+        x_s = modulated_input(self.attn.qkv, self.norm1, x, shift_msa, scale_msa).reshape(b * frames, s, c)
         x = x + gate_msa * self.attn(x_s).reshape(b, n, c)
         # temporal: the frames of each spatial position (residual stream, no modulation)
         x_t = x.reshape(b, frames, s, c).transpose(1, 2).reshape(b * s, frames, c)
@@ -49,7 +52,7 @@ class STDiTBlock(nn.Module):
         x_t = self.attn_temp(x_t).reshape(b, s, frames, c).transpose(1, 2).reshape(b, n, c)
         x = x + gate_msa * x_t
         x = x + self.cross_attn(x, y, mask)
-        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x + gate_mlp * self.mlp(modulated_input(self.mlp.fc1, self.norm2, x, shift_mlp, scale_mlp))
 
 
 class STDiT(nn.Module):

@@ -17,11 +17,16 @@ import torch.nn as nn
 from .common import (Attention, CaptionEmbedder, CrossAttention, Mlp, PatchEmbed3D, RotaryEmbedding1D,
                      T2IFinalLayer, TimestepEmbedder, as_caption, cast_like, match_batch, modulate, ops_or_torch,
                      sincos_2d, unpatchify)
+from ..fused_input import modulated_input
 
 VAE_SPATIAL_FACTOR = 8
 
 
 class STDiT3Block(nn.Module):
+    @property
+    def fused_inputs(self):  # as models/pixart.PixArtBlock; temporal blocks reorder tokens before attn.qkv
+        return (("mlp.fc1", "norm2"),) if self.temporal else (("attn.qkv", "norm1"), ("mlp.fc1", "norm2"))
+
     def __init__(self, hidden: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True, temporal=False,
                  operations=None, dtype=None, device=None):
         super().__init__()
@@ -40,15 +45,16 @@ class STDiT3Block(nn.Module):
         s = n // frames
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             cast_like(self.scale_shift_table, x)[None] + t.reshape(b, 6, -1)).chunk(6, dim=1)
-        x_m = modulate(self.norm1(x), shift_msa, scale_msa)
-        if self.temporal:
+        if self.temporal:  # tokens reordered before the attention: the LayerNorm input is not fused
+            x_m = modulate(self.norm1(x), shift_msa, scale_msa)
             x_m = x_m.reshape(b, frames, s, c).transpose(1, 2).reshape(b * s, frames, c)
             x_m = self.attn(x_m, rope).reshape(b, s, frames, c).transpose(1, 2).reshape(b, n, c)
         else:
+            x_m = modulated_input(self.attn.qkv, self.norm1, x, shift_msa, scale_msa)
             x_m = self.attn(x_m.reshape(b * frames, s, c)).reshape(b, n, c)
         x = x + gate_msa * x_m
         x = x + self.cross_attn(x, y, mask)
-        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x + gate_mlp * self.mlp(modulated_input(self.mlp.fc1, self.norm2, x, shift_mlp, scale_mlp))
 
 
 class STDiT3(nn.Module):

@@ -1,0 +1,119 @@
+"""Fuse the elementwise producers of quantized layers' inputs into their quantize kernel.
+
+Per DiT block (PixArt-α/Σ, OpenSORA STDiT / STDiT3, ComfyUI's PixArt):
+  * fc2's input GELU(fc1(x)): the MLP's `act` becomes Identity and fc2 applies the GELU in its quantize;
+  * qkv's and fc1's input LayerNorm(x) * (1 + scale) + shift: the block arms the layer with shift / scale
+    (models/fused_input.modulated_input) and passes the residual x; the layer normalizes, modulates and
+    quantizes in one pass (kernels/triton_prologue_quant.py).
+So neither the GELU output nor the modulated LayerNorm output is written to memory in bf16, and each is read once
+(Inductor's own fusion of the same work read rows 2-3 times: bench/NOTES_e2e.md). Only unrotated layers with
+dynamic scales and symmetric int8 / fp8 weights fuse (QuantLinear.fusable); the rest run as before.
+
+VIDITQ_FUSE=0 turns this off (for A/B measurements and debugging). The numerics differ from the unfused path only
+in not rounding the producer's output to bf16 before quantizing (the fused path is the more exact one).
+"""
+import os
+from typing import Callable, Dict, Optional
+
+import torch.nn as nn
+
+from .quant_linear import QuantLinear
+
+FUSE_ENV = "VIDITQ_FUSE"
+_COMFY_PIXART_BLOCK = ("comfy.ldm.pixart.pixartms", "PixArtMSBlock")
+
+
+def fusion_enabled() -> bool:
+    v = os.environ.get(FUSE_ENV, "1").strip().lower()
+    if v not in ("0", "1", "", "off", "on"):
+        raise ValueError(f"{FUSE_ENV} must be 0 or 1, got {v!r}")
+    return v not in ("0", "off")
+
+
+def _gelu_kind(mlp: nn.Module) -> Optional[str]:
+    """'gelu_tanh' / 'gelu' when mlp computes fc2(GELU(fc1(x))) with nothing else in between at inference."""
+    act = getattr(mlp, "act", None)
+    if type(act) is not nn.GELU:
+        return None
+    for extra in ("drop1", "norm", "drop"):  # timm / ComfyUI Mlp: Dropout / Identity there, no-ops at inference
+        m = getattr(mlp, extra, None)
+        if m is not None and not isinstance(m, (nn.Identity, nn.Dropout)):
+            return None
+    return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+
+
+def _plain_layernorm(norm: nn.Module) -> Optional[float]:
+    """eps of a LayerNorm without affine weights over the last dim (what the kernel computes), else None."""
+    if not isinstance(norm, nn.LayerNorm) or getattr(norm, "weight", None) is not None:
+        return None
+    if getattr(norm, "bias", None) is not None or len(norm.normalized_shape) != 1:
+        return None
+    return float(norm.eps)
+
+
+def _is_comfy_pixart_block(block: nn.Module) -> bool:
+    t = type(block)
+    return (t.__module__, t.__name__) == _COMFY_PIXART_BLOCK
+
+
+def _block_inputs(block: nn.Module):
+    """(layer path, norm attribute) pairs of the block's modulated LayerNorm inputs, or ()."""
+    spec = getattr(block, "fused_inputs", None)
+    if spec is not None:
+        return tuple(spec)
+    if _is_comfy_pixart_block(block) and getattr(block.attn, "sr_ratio", 1) == 1:
+        return (("attn.qkv", "norm1"), ("mlp.fc1", "norm2"))
+    return ()
+
+
+def fusion_patches(model: nn.Module, layers: Dict[str, nn.Module]) -> Dict[str, object]:
+    """The patches {path: object} that fuse producers into the quantize of `layers` (new QuantLinear modules for
+    `model`): fused views of the layers (QuantLinear.fused_view; `layers` themselves are not changed), the MLPs'
+    `act` -> Identity and, for ComfyUI's PixArt blocks, their `forward` (ComfyUI's own, with modulated_input).
+    Install them together with `layers`, after them; empty when VIDITQ_FUSE=0."""
+    if not fusion_enabled():
+        return {}
+    patches: Dict[str, object] = {}
+    for bname, block in model.named_modules():
+        prefix = bname + "." if bname else ""
+        norm_eps: Dict[str, float] = {}
+        for rel, norm_attr in _block_inputs(block):
+            layer = layers.get(prefix + rel)
+            eps = _plain_layernorm(getattr(block, norm_attr, None))
+            if isinstance(layer, QuantLinear) and layer.fusable() and eps is not None:
+                norm_eps[prefix + rel] = eps
+        fc2 = layers.get(prefix + "mlp.fc2")
+        kind = _gelu_kind(getattr(block, "mlp", None)) if isinstance(fc2, QuantLinear) else None
+        if kind is not None and fc2.fusable():
+            patches[prefix + "mlp.fc2"] = fc2.fused_view(input_act=kind)
+            patches[prefix + "mlp.act"] = nn.Identity()
+        for name, eps in norm_eps.items():
+            patches[name] = layers[name].fused_view(norm_eps=eps)
+        if norm_eps and _is_comfy_pixart_block(block):
+            patches[prefix + "forward"] = _comfy_pixart_block_forward(block)
+    return patches
+
+
+def _comfy_pixart_block_forward(block: nn.Module) -> Callable:
+    """ComfyUI's PixArtMSBlock.forward (comfy/ldm/pixart/pixartms.py) with the modulated inputs through
+    modulated_input; a test checks it against the original on the real class."""
+    from ..models.fused_input import modulated_input
+
+    def forward(x, y, t, mask=None, HW=None, **kwargs):
+        b = x.shape[0]
+        table = block.scale_shift_table[None].to(dtype=x.dtype, device=x.device)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (table + t.reshape(b, 6, -1)).chunk(6, 1)
+        x = x + gate_msa * block.attn(modulated_input(block.attn.qkv, block.norm1, x, shift_msa, scale_msa), HW=HW)
+        x = x + block.cross_attn(x, y, mask)
+        return x + gate_mlp * block.mlp(modulated_input(block.mlp.fc1, block.norm2, x, shift_mlp, scale_mlp))
+
+    forward.vidit_q_fused = True
+    return forward
+
+
+def install_quant_layers(model: nn.Module, layers: Dict[str, nn.Module]) -> Dict[str, object]:
+    """Plain torch: swap `layers` into `model` with their fusions; returns what was replaced (replace_layers(model,
+    old) restores the model, fusions included)."""
+    from .apply import replace_layers
+
+    return replace_layers(model, {**layers, **fusion_patches(model, layers)})

@@ -1,0 +1,244 @@
+"""quant_core/fusions.py: GELU and LayerNorm+modulate moved into the quantize of the layers they feed.
+
+Fused and unfused models must agree (they differ only in the fused path not rounding the producer's output to the
+model dtype before quantizing), the patches must restore cleanly, compile fullgraph, and leave alone what they
+cannot fuse (rotated layers, static scales, temporal STDiT3 blocks). ComfyUI's own PixArt block: see the
+ComfyUI test at the end."""
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn as nn
+from torch._dynamo.utils import counters
+
+from comfy_env import conditioning, import_comfyui, requires_comfyui, write_tiny_checkpoint
+from helpers import calibrate, tiny_pixart
+from viditq.kernels import dispatch
+from viditq.models.opensora import load_opensora
+from viditq.models.opensora.tiny import save_tiny_opensora
+from viditq.quant_core import build_quant_layers, fusion_patches, get_preset, install_quant_layers, replace_layers
+from viditq.quant_core.fusions import FUSE_ENV
+
+
+def _pixart_inputs(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(2, 4, 8, 8, generator=g).to(dtype), torch.tensor([700.0, 300.0]),
+            torch.randn(2, 16, 256, generator=g).to(dtype))
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _fused_layers(model):
+    """(names of the layers with the GELU fused, names with the LayerNorm fused) as installed in model."""
+    mods = dict(model.named_modules())
+    gelu = sorted(n for n, q in mods.items() if getattr(q, "input_act", None))
+    norm = sorted(n for n, q in mods.items() if getattr(q, "norm_eps", None) is not None)
+    return gelu, norm
+
+
+def _config(preset):
+    if preset == "w8a8-fp8-norot":  # fp8 weights and activations, unrotated
+        return dataclasses.replace(get_preset("w8a8-fp8"), rotate=False)
+    return get_preset(preset)
+
+
+@pytest.mark.parametrize("preset", ["w8a8-smoothquant", "w8a8-fp8-norot"])
+def test_pixart_fused_matches_unfused_and_restores(preset):
+    model = tiny_pixart(depth=2)
+    args = _pixart_inputs()
+    with torch.no_grad():
+        fp = model(*args)
+        layers, _ = build_quant_layers(model, _config(preset))
+        old = replace_layers(model, layers)
+        unfused = model(*args)
+        replace_layers(model, old)
+        old = install_quant_layers(model, layers)
+        gelu, norm = _fused_layers(model)
+        assert gelu == [f"blocks.{i}.mlp.fc2" for i in range(2)]
+        assert norm == sorted(f"blocks.{i}.{n}" for i in range(2) for n in ("attn.qkv", "mlp.fc1"))
+        assert all(isinstance(b.mlp.act, nn.Identity) for b in model.blocks)
+        assert model.blocks[0].mlp.fc2.qweight is layers["blocks.0.mlp.fc2"].qweight  # a view, no weight copy
+        fused = model(*args)
+        assert all(getattr(q, "_armed", None) is None for q in model.modules())  # every arming was consumed
+        replace_layers(model, old)
+        assert _fused_layers(model) == ([], [])
+        assert all(q.input_act is None and q.norm_eps is None for q in layers.values())  # layers stay plain
+        again = replace_layers(model, layers)  # so installing them without the patches stays correct
+        assert torch.equal(model(*args), unfused)
+        replace_layers(model, again)
+        assert all(isinstance(b.mlp.act, nn.GELU) for b in model.blocks)
+        assert torch.equal(model(*args), fp)  # FP model back exactly
+    assert _rel(fused, unfused) < 3e-3, _rel(fused, unfused)
+    assert _rel(fused, fp) < 0.1
+
+
+def test_what_cannot_fuse_is_left_alone(monkeypatch):
+    model = tiny_pixart(depth=1)
+    rotated, _ = build_quant_layers(model, get_preset("w8a8"))  # block Hadamard rotation: not fusable
+    assert fusion_patches(model, rotated) == {}
+    static, _ = build_quant_layers(model, get_preset("w8a8-naive"), calibrate(model, steps=1))  # static scales
+    assert fusion_patches(model, static) == {}
+    sq, _ = build_quant_layers(model, get_preset("w8a8-smoothquant"))
+    assert set(fusion_patches(model, sq)) == {"blocks.0.attn.qkv", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2",
+                                              "blocks.0.mlp.act"}
+    del sq["blocks.0.mlp.fc1"]  # a layer left FP: nothing to fuse into
+    assert set(fusion_patches(model, sq)) == {"blocks.0.attn.qkv", "blocks.0.mlp.fc2", "blocks.0.mlp.act"}
+    monkeypatch.setenv(FUSE_ENV, "0")
+    assert fusion_patches(model, sq) == {}
+    monkeypatch.setenv(FUSE_ENV, "maybe")
+    with pytest.raises(ValueError, match=FUSE_ENV):
+        fusion_patches(model, sq)
+
+
+def test_simulated_and_reference_paths_agree():
+    """simulate=True runs the prologue in torch then fake-quantizes: the same numbers as the fused reference."""
+    model = tiny_pixart(depth=1)
+    args = _pixart_inputs()
+    layers, _ = build_quant_layers(model, get_preset("w8a8-smoothquant"))
+    old = install_quant_layers(model, layers)
+    try:
+        with torch.no_grad():
+            fused = model(*args)
+            for q in layers.values():
+                q.set_simulate(True)
+            sim = model(*args)
+    finally:
+        replace_layers(model, old)
+    assert _rel(sim, fused) < 1e-4, _rel(sim, fused)
+
+
+def test_fused_pixart_compiles_fullgraph(monkeypatch):
+    """One graph, no breaks; the fused layers are viditq.prologue_quantize + viditq.quantized_matmul, the others
+    keep their ops; compiled equals eager."""
+    monkeypatch.setenv(dispatch.COMPILE_QUANT_ENV, "torch")
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_pixart(depth=1)
+    layers, _ = build_quant_layers(model, get_preset("w8a8-smoothquant"))
+    old = install_quant_layers(model, layers)
+    try:
+        args = _pixart_inputs()
+        explained = torch._dynamo.explain(model)(*args)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+        ops = [str(n.target) for n in explained.graphs[0].graph.nodes if n.op == "call_function"]
+        assert ops.count("viditq.prologue_quantize.default") == 3  # qkv, fc1 (norm_modulate), fc2 (gelu)
+        assert ops.count("viditq.quantized_matmul.default") == 7
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        with torch.no_grad():
+            assert torch.equal(compiled(*args), model(*args))
+            assert all(getattr(q, "_armed", None) is None for q in model.modules())
+    finally:
+        replace_layers(model, old)
+        torch._dynamo.reset()
+
+
+def test_prologue_quantize_op_passes_opcheck():
+    from viditq.kernels import custom_ops
+
+    x = torch.randn(2, 5, 32)
+    ada = torch.randn(2, 6, 32).chunk(6, dim=1)
+    result = torch.library.opcheck(custom_ops.prologue_quantize,
+                                   (x, "norm_modulate", ada[0], ada[1], 5, 1e-6, torch.rand(32) + 0.5, "int8", 127,
+                                    "auto"))
+    assert all(v == "SUCCESS" for v in result.values()), result
+    result = torch.library.opcheck(custom_ops.prologue_quantize, (x, "gelu_tanh", None, None, 0, 1e-6, None, "fp8",
+                                                                  448, "auto"))
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.2"])
+def test_opensora_fused_matches_unfused(version, tmp_path):
+    path = save_tiny_opensora(tmp_path / f"tiny_{version}.safetensors", version, dtype=torch.float32, hidden=144,
+                              depth=2, caption_channels=256, token_num=16)
+    model = load_opensora(path)[0].eval()
+    g = torch.Generator().manual_seed(2)
+    x, t, ctx = torch.randn(2, 4, 3, 8, 8, generator=g), torch.tensor([800.0, 200.0]), torch.randn(2, 16, 256,
+                                                                                                   generator=g)
+    with torch.no_grad():
+        layers, _ = build_quant_layers(model, get_preset("w8a8-smoothquant"))
+        old = replace_layers(model, layers)
+        unfused = model(x, t, ctx)
+        replace_layers(model, old)
+        old = install_quant_layers(model, layers)
+        fused = model(x, t, ctx)
+        gelu, norm = _fused_layers(model)
+        replace_layers(model, old)
+    if version == "1.0":
+        assert len(gelu) == 2 and len(norm) == 4
+    else:  # temporal blocks reorder tokens before attn.qkv: only their fc1 takes the LayerNorm fusion
+        assert len(gelu) == 4 and len(norm) == 6
+        assert not any(n.startswith("temporal_blocks") and n.endswith("attn.qkv") for n in norm)
+    assert _rel(fused, unfused) < 3e-3, _rel(fused, unfused)
+
+
+@requires_comfyui
+def test_comfyui_pixart_block_forward_patch(tmp_path):
+    """The patched forward of ComfyUI's PixArtMSBlock equals ComfyUI's own (unquantized: the unfused branch of
+    modulated_input), and with quantized layers the fused model matches the unfused one."""
+    import_comfyui()
+    import comfy.sd
+
+    from viditq.quant_core.fusions import _comfy_pixart_block_forward
+
+    patcher = comfy.sd.load_diffusion_model(str(write_tiny_checkpoint(tmp_path, depth=1)))
+    dm = copy.deepcopy(patcher.model.diffusion_model).float()
+    block = dm.blocks[0]
+    g = torch.Generator().manual_seed(0)
+    x, y, t = torch.randn(2, 64, 1152, generator=g), torch.randn(2, 12, 1152, generator=g), torch.randn(2, 6 * 1152,
+                                                                                                    generator=g)
+    with torch.no_grad():
+        assert torch.equal(_comfy_pixart_block_forward(block)(x, y, t, HW=(8, 8)), block(x, y, t, HW=(8, 8)))
+    layers, _ = build_quant_layers(dm, get_preset("w8a8-smoothquant"))
+    patches = fusion_patches(dm, layers)
+    assert set(patches) == {"blocks.0.forward", "blocks.0.mlp.act", "blocks.0.attn.qkv", "blocks.0.mlp.fc1",
+                            "blocks.0.mlp.fc2"}
+    xin = torch.randn(2, 4, 64, 64, generator=g)  # ComfyUI positional tables need >= 64
+    ts = torch.tensor([700.0, 300.0])
+    ctx = torch.cat([conditioning("a")[0][0], conditioning("")[0][0]]).float()
+    with torch.no_grad():
+        old = replace_layers(dm, layers)
+        unfused = dm(xin, ts, ctx)
+        replace_layers(dm, old)
+        old = install_quant_layers(dm, layers)
+        fused = dm(xin, ts, ctx)
+        replace_layers(dm, old)
+    assert _rel(fused, unfused) < 3e-3, _rel(fused, unfused)
+
+
+def test_fused_layer_on_the_triton_path(monkeypatch):
+    """The dispatcher's Triton route (prologue kernel + GEMM kernel, CPU interpreter) matches the reference route."""
+    model = tiny_pixart(depth=1)
+    layers, _ = build_quant_layers(model, get_preset("w8a8-smoothquant"))
+    patches = fusion_patches(model, layers)
+    qkv, fc2 = patches["blocks.0.attn.qkv"], patches["blocks.0.mlp.fc2"]
+    g = torch.Generator().manual_seed(5)
+    x, h = torch.randn(2, 9, 256, generator=g), torch.randn(2, 9, fc2.in_features, generator=g)
+    ada = (torch.randn(2, 6, 256, generator=g) * 0.3).chunk(6, dim=1)
+    with torch.no_grad():
+        qkv.arm_norm_modulate(ada[0], ada[1], 9)
+        ref_qkv, ref_fc2 = qkv(x), fc2(h)
+        monkeypatch.setattr(dispatch, "resolve_backend", lambda requested, device: "triton")
+        qkv.arm_norm_modulate(ada[0], ada[1], 9)
+        tri_qkv, tri_fc2 = qkv(x), fc2(h)
+    assert _rel(tri_qkv, ref_qkv) < 1e-3 and _rel(tri_fc2, ref_fc2) < 1e-3
+
+
+@requires_comfyui
+def test_comfyui_quantize_node_installs_the_fusions(tmp_path, monkeypatch):
+    import_comfyui()
+    import comfy.sd
+
+    from viditq.nodes.quantize import ViDiTQQuantize
+
+    patcher = comfy.sd.load_diffusion_model(str(write_tiny_checkpoint(tmp_path, depth=1)))
+    (fused,) = ViDiTQQuantize.execute(patcher, "w8a8-smoothquant", None, None, "auto").args
+    keys = set(fused.object_patches)
+    assert {"diffusion_model.blocks.0.forward", "diffusion_model.blocks.0.mlp.act"} <= keys
+    assert getattr(fused.object_patches["diffusion_model.blocks.0.mlp.fc2"], "input_act", None) == "gelu_tanh"
+    monkeypatch.setenv(FUSE_ENV, "0")
+    (plain,) = ViDiTQQuantize.execute(patcher, "w8a8-smoothquant", None, None, "auto").args
+    assert "diffusion_model.blocks.0.mlp.act" not in plain.object_patches

@@ -1,0 +1,79 @@
+"""kernels/triton_prologue_quant.py (CPU interpreter) against its torch twin reference.prologue_quantize."""
+import pytest
+import torch
+
+from viditq.kernels import reference
+from viditq.kernels import triton_prologue_quant as tpq
+
+
+def _inputs(m, k, dtype, seed, batch=2):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(m, k, generator=g) * 3).to(dtype)
+    ada = (torch.randn(batch, 6, k, generator=g) * 0.5).to(dtype)  # as the blocks' [B, 6, C] adaLN table
+    shift, scale = ada.chunk(6, dim=1)[0], ada.chunk(6, dim=1)[1]  # [B, 1, K] non-contiguous views
+    mult = torch.rand(k, generator=g) + 0.5
+    return x, shift, scale, mult
+
+
+def _check(a, r, fmt):
+    """Scales equal to fp32 rounding; codes equal except where the value sits within a hair of a rounding tie
+    (the kernel's LayerNorm / GELU differ from torch's in the last bits)."""
+    torch.testing.assert_close(a.scale, r.scale, rtol=2e-5, atol=0)
+    qa, qr = a.q.float(), r.q.float()
+    diff = (qa - qr).abs()
+    if fmt == "int8":
+        assert diff.max() <= 1
+    else:
+        assert (diff <= torch.maximum(qa.abs(), qr.abs()) * 0.07 + 2.0 ** -9).all()  # one e4m3 step
+    assert (diff > 0).float().mean() < 2e-3, f"{(diff > 0).float().mean():.2e} of codes differ"
+
+
+@pytest.mark.parametrize("prologue", ["gelu_tanh", "gelu", "norm_modulate"])
+@pytest.mark.parametrize("m,k", [(1, 1152), (7, 72), (130, 96)])
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_prologue_quant_matches_reference(prologue, m, k, fmt):
+    dtype = torch.bfloat16 if fmt == "int8" else torch.float16
+    rows = m if m < 2 else m // 2 if m % 2 == 0 else m
+    batch = m // rows
+    x, shift, scale, mult = _inputs(m, k, dtype, seed=m * 31 + k, batch=batch)
+    args = (x, prologue, shift, scale, rows, 1e-6, mult, fmt, 448 if fmt == "fp8" else 127)
+    a = tpq.prologue_quantize(*args)
+    r = reference.prologue_quantize(*args)
+    _check(a, r, fmt)
+
+
+def test_norm_modulate_uses_each_rows_sample_and_extremes():
+    k, rows = 160, 5
+    x, shift, scale, _ = _inputs(3 * rows, k, torch.bfloat16, seed=3, batch=3)
+    x[2] = 0  # all-zero token: LN gives 0, the output is shift_b
+    x[7] *= 1000  # one huge token
+    for mult in (None, torch.linspace(0.5, 2, k)):
+        a = tpq.prologue_quantize(x, "norm_modulate", shift, scale, rows, 1e-6, mult)
+        r = reference.prologue_quantize(x, "norm_modulate", shift, scale, rows, 1e-6, mult)
+        _check(a, r, "int8")
+    # the modulation really is per sample: swapping the samples' vectors changes the second sample's codes
+    swapped = tpq.prologue_quantize(x, "norm_modulate", shift.flip(0), scale.flip(0), rows)
+    plain = tpq.prologue_quantize(x, "norm_modulate", shift, scale, rows)
+    assert torch.equal(swapped.q[rows:2 * rows], plain.q[rows:2 * rows])  # the middle sample keeps its vectors
+    assert not torch.equal(swapped.q[:rows], plain.q[:rows])
+
+
+def test_gelu_extremes_and_poisoned_outputs():
+    k = 200
+    x = torch.randn(9, k).to(torch.bfloat16)
+    x[0] = 0
+    x[1, :5] = torch.tensor([-1e4, 1e4, -30.0, 30.0, 1e-3])
+    a = tpq.prologue_quantize(x, "gelu_tanh")
+    r = reference.prologue_quantize(x, "gelu_tanh")
+    _check(a, r, "int8")
+    assert torch.isfinite(a.scale).all() and (a.q[0] == 0).all()
+
+
+def test_bad_shapes_are_refused():
+    x = torch.randn(6, 32)
+    with pytest.raises(ValueError, match="whole samples"):
+        tpq.prologue_quantize(x, "norm_modulate", torch.zeros(2, 32), torch.zeros(2, 32), 4)
+    with pytest.raises(ValueError, match="one vector per sample"):
+        tpq.prologue_quantize(x, "norm_modulate", torch.zeros(4, 32), torch.zeros(4, 32), 3)
+    with pytest.raises(ValueError, match="unknown prologue"):
+        tpq.prologue_quantize(x, "relu")

@@ -514,8 +514,9 @@ class Tuner:
     A candidate that fails to compile or launch is skipped; `timings[key]` keeps what was measured.
     """
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, graph: bool = False):
         self.name = name
+        self.graph = graph  # time CUDA-graph replays: for kernels shorter than their host launch path
         self.best = {}
         self.timings = {}
         self.force = None
@@ -527,6 +528,8 @@ class Tuner:
         if key in self.best:
             return self.best[key]
         tune = os.environ.get("VIDITQ_TUNE", "1") not in ("0", "")
+        if not INTERPRET and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return candidates[0]  # nothing can be timed inside a capture; tuned on the next eager call
         if INTERPRET or not tune or len(candidates) == 1:
             best = candidates[0]
         else:
@@ -534,7 +537,12 @@ class Tuner:
             for c in candidates:
                 try:
                     launch(c)  # compile + warm
-                    times[c] = triton.testing.do_bench(lambda: launch(c), warmup=5, rep=20, return_mode="median")
+                    if self.graph:
+                        times[c] = triton.testing.do_bench_cudagraph(lambda: launch(c), rep=10,
+                                                                     return_mode="median")
+                    else:
+                        times[c] = triton.testing.do_bench(lambda: launch(c), warmup=5, rep=20,
+                                                           return_mode="median")
                 except Exception as e:  # out of resources, compile failure: not a candidate here
                     times[c] = float("inf")
                     last_errors[(self.name, c)] = f"{type(e).__name__}: {str(e)[-400:]}"

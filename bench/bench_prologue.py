@@ -1,0 +1,114 @@
+"""GPU only: the fused producer + per-token quantize kernels (kernels/triton_prologue_quant.py) against their byte
+floor and against what Inductor generates for the same torch code (what the compiled model ran before).
+
+For each DiT shape (PixArt 512 / 1024 px and STDiT 16x512^2 token counts, K = 1152 LayerNorm+modulate, K = 4608
+GELU): checks the kernel against the torch reference first, then times (median of CUDA-graph replays,
+do_bench_cudagraph: the kernels alone, without the host's launch cost):
+  ours      the Triton kernel (one read of x, int8 / fp8 codes + fp32 scales written)
+  inductor  torch.compile of the same torch expression (reference twin), tuned as the e2e bench tunes it
+  eager     the torch reference, eager
+and the byte floor (x read once + codes + scales written, at the measured copy bandwidth).
+
+    python bench/bench_prologue.py --out bench/results
+"""
+import argparse
+import json
+import pathlib
+import sys
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _viditq import import_viditq  # noqa: E402
+
+viditq = import_viditq()
+from viditq.kernels import reference  # noqa: E402
+from viditq.kernels import triton_prologue_quant as tpq  # noqa: E402
+
+SHAPES = [  # (M, K, prologue): tokens of a CFG batch of 2
+    (2048, 1152, "norm_modulate"), (2048, 4608, "gelu_tanh"),
+    (8192, 1152, "norm_modulate"), (8192, 4608, "gelu_tanh"),
+    (32768, 1152, "norm_modulate"), (32768, 4608, "gelu_tanh"),
+    (8191, 1152, "norm_modulate"), (1, 4608, "gelu_tanh"),  # odd sizes: correctness
+]
+
+
+def copy_bandwidth() -> float:
+    import triton.testing
+
+    a = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=10, rep=50, return_mode="median")
+    return 2 * a.numel() / (ms * 1e-3)
+
+
+def main():
+    import triton.testing
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results"))
+    p.add_argument("--fmts", default="int8,fp8")
+    args = p.parse_args()
+    bw = copy_bandwidth()
+    rows = []
+    torch._inductor.config.coordinate_descent_tuning = True
+    torch._inductor.config.triton.multi_kernel = 1
+    for fmt in args.fmts.split(","):
+        qmax = 448 if fmt == "fp8" else 127
+        for m, k, pro in SHAPES:
+            g = torch.Generator(device="cuda").manual_seed(m + k)
+            x = (torch.randn(m, k, device="cuda", generator=g) * 2).to(torch.bfloat16)
+            rows_per_sample = m // 2 if m % 2 == 0 else m
+            ada = (torch.randn(m // rows_per_sample, 6, k, device="cuda", generator=g) * 0.3).to(torch.bfloat16)
+            shift, scale = ada[:, 0:1], ada[:, 1:2]
+            mult = torch.rand(k, device="cuda", generator=g) + 0.5
+            fargs = (x, pro, shift, scale, rows_per_sample, 1e-6, mult, fmt, qmax)
+            a = tpq.prologue_quantize(*fargs)
+            r = reference.prologue_quantize(*fargs)
+            diff = (a.q.float() - r.q.float()).abs()
+            tol = 1 if fmt == "int8" else None
+            ok = bool(torch.allclose(a.scale, r.scale, rtol=1e-4, atol=0))
+            frac = float((diff > 0).float().mean())
+            ok = ok and frac < 2e-3 and (tol is None or float(diff.max()) <= tol)
+            row = {"M": m, "K": k, "prologue": pro, "fmt": fmt, "correct": ok, "codes_differ": frac,
+                   "config": list(tpq.last_config)}
+            if m >= 2048 and m % 2 == 0:
+                # CUDA-graph replays: kernel time only (eager timing here is the host's launch path)
+                ours = triton.testing.do_bench_cudagraph(lambda: tpq.prologue_quantize(*fargs), rep=30,
+                                                         return_mode="median")
+
+                def torch_twin(x, shift, scale, mult):
+                    y = reference.prologue_quantize(x, pro, shift, scale, rows_per_sample, 1e-6, mult, fmt, qmax)
+                    return y.q, y.scale
+
+                comp = torch.compile(torch_twin, fullgraph=True)
+                comp(x, shift, scale, mult)
+                ind = triton.testing.do_bench_cudagraph(lambda: comp(x, shift, scale, mult), rep=30,
+                                                        return_mode="median")
+                eager = triton.testing.do_bench_cudagraph(lambda: torch_twin(x, shift, scale, mult), rep=10,
+                                                          return_mode="median")
+                floor = (m * k * (x.element_size() + 1) + m * 4) / bw * 1e3
+                row.update(ms=round(ours, 5), inductor_ms=round(ind, 5), eager_ms=round(eager, 5),
+                           floor_ms=round(floor, 5), x_floor=round(ours / floor, 2),
+                           inductor_x_floor=round(ind / floor, 2), speedup_vs_inductor=round(ind / ours, 2))
+                torch._dynamo.reset()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    gpu = torch.cuda.get_device_name()
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"prologue_{gpu.lower().replace(' ', '_').replace('-', '_')}.json"
+    path.write_text(json.dumps({"gpu": gpu, "command": "python bench/bench_prologue.py " + " ".join(sys.argv[1:]),
+                                "torch": torch.__version__, "triton": __import__("triton").__version__,
+                                "copy_bandwidth_GBps": round(bw / 1e9, 1), "rows": rows}, indent=1))
+    print("\n| M | K | prologue | fmt | ok | ours ms | x floor | Inductor ms | x floor | eager ms |")
+    for r in rows:
+        if "ms" in r:
+            print(f"| {r['M']} | {r['K']} | {r['prologue']} | {r['fmt']} | {r['correct']} | {r['ms']:.4f} | "
+                  f"{r['x_floor']} | {r['inductor_ms']:.4f} | {r['inductor_x_floor']} | {r['eager_ms']:.4f} |")
+        else:
+            print(f"| {r['M']} | {r['K']} | {r['prologue']} | {r['fmt']} | {r['correct']} | – | | | | |")
+
+
+if __name__ == "__main__":
+    main()

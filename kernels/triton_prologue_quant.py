@@ -28,6 +28,16 @@ MAX_K = 16384  # whole rows in registers: beyond this the reference runs (no DiT
 
 
 @triton.jit
+def _gelu_f32(x, PROLOGUE: tl.constexpr):
+    if PROLOGUE == 1:  # tanh approximation; tanh(u) = 1 - 2 / (exp(2u) + 1), exp clamped below overflow
+        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        x = 0.5 * x * (2.0 - 2.0 / (tl.exp(tl.minimum(2.0 * u, 80.0)) + 1.0))
+    else:
+        x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    return x
+
+
+@triton.jit
 def _prologue_quant_kernel(X, SHIFT, SCL, MULT, Q, S,
                            M, K, stride_xm, stride_qm, rows_per_sample, stride_shb, stride_scb, eps, qmax, fmax,
                            ROWS: tl.constexpr, BLOCK_K: tl.constexpr, PROLOGUE: tl.constexpr,
@@ -40,12 +50,9 @@ def _prologue_quant_kernel(X, SHIFT, SCL, MULT, Q, S,
     m2 = rmask[:, None] & cmask[None, :]
     rows64 = rows.to(tl.int64)
     x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-    if PROLOGUE == 1:  # GELU, tanh approximation; tanh(u) = 1 - 2 / (exp(2u) + 1), exp clamped below overflow
-        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        x = 0.5 * x * (2.0 - 2.0 / (tl.exp(tl.minimum(2.0 * u, 80.0)) + 1.0))
-    elif PROLOGUE == 2:  # GELU, erf
-        x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
-    elif PROLOGUE == 3:  # LayerNorm (no affine) + adaLN modulate of the row's sample
+    if PROLOGUE != 3:
+        x = _gelu_f32(x, PROLOGUE)
+    else:  # LayerNorm (no affine) + adaLN modulate of the row's sample
         mean = tl.sum(x, axis=1) / K
         d = tl.where(m2, x - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / K + eps)
@@ -71,16 +78,63 @@ def _prologue_quant_kernel(X, SHIFT, SCL, MULT, Q, S,
         tl.store(qptr, v.to(tl.int32).to(tl.int8), mask=m2)
 
 
+@triton.jit
+def _gelu_quant_chunked_kernel(X, MULT, Q, S, M, K, stride_xm, stride_qm, qmax, fmax,
+                               ROWS: tl.constexpr, CK: tl.constexpr, PROLOGUE: tl.constexpr,
+                               HAS_MULT: tl.constexpr, IS_FP8: tl.constexpr, FP8_SOFT: tl.constexpr):
+    """GELU prologue for wide rows (fc2's K = 4608): two passes over K in chunks of CK, the second re-reading x
+    from L2, instead of one whole row padded to a power of two in registers."""
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    rmask = rows < M
+    rows64 = rows.to(tl.int64)
+    amax = tl.zeros([ROWS], dtype=tl.float32)
+    for k0 in tl.range(0, K, CK, num_stages=3):
+        cols = k0 + tl.arange(0, CK)
+        cmask = cols < K
+        m2 = rmask[:, None] & cmask[None, :]
+        x = _gelu_f32(tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=m2, other=0.0).to(tl.float32),
+                      PROLOGUE)
+        if HAS_MULT:
+            x = x * tl.load(MULT + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        amax = tl.maximum(amax, tl.max(tl.where(m2, tl.abs(x), 0.0), axis=1))
+    scale = tl.maximum(amax, 1e-12) / fmax
+    tl.store(S + rows, scale, mask=rmask)
+    inv = 1.0 / scale
+    for k0 in tl.range(0, K, CK, num_stages=3):
+        cols = k0 + tl.arange(0, CK)
+        cmask = cols < K
+        m2 = rmask[:, None] & cmask[None, :]
+        x = _gelu_f32(tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=m2, other=0.0).to(tl.float32),
+                      PROLOGUE)
+        if HAS_MULT:
+            x = x * tl.load(MULT + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        v = x / scale[:, None]
+        qptr = Q + rows64[:, None] * stride_qm + cols[None, :]
+        if IS_FP8:
+            v = tl.minimum(tl.maximum(v, -fmax), fmax)
+            if FP8_SOFT:
+                v = _round_fp8_grid(v)
+            tl.store(qptr, v.to(tl.float8e4nv), mask=m2)
+        else:
+            v = tl.minimum(tl.maximum(v, -qmax), qmax)
+            v = (v + 12582912.0) - 12582912.0
+            tl.store(qptr, v.to(tl.int32).to(tl.int8), mask=m2)
+
+
 tuner = Tuner("prologue_quant", graph=True)  # microseconds of kernel: eager timing would time the host
 last_config = None
 
 
-def candidates(k: int, m: int):
-    """(rows per program, num_warps): about 8-32 fp32 values per thread, whole rows per program."""
+def candidates(k: int, m: int, pcode: int = 3):
+    """(rows per program, num_warps[, chunk]): whole rows per program with about 8-32 fp32 values per thread; for
+    the GELU prologue at K >= 2048 also the two-pass chunked kernel (chunk of CK channels)."""
     bk = max(_next_pow2(k), 16)
     if INTERPRET:
-        return [(2, 4)]
+        return [(2, 4)] + ([(2, 4, 64)] if pcode != 3 else [])
     out = []
+    if pcode != 3 and k >= 2048:
+        out += [(r, nw, ck) for r, nw, ck in ((1, 4, 1024), (2, 4, 512), (4, 8, 512), (2, 8, 1024), (1, 8, 2048))]
     for rows in (1, 2, 4, 8, 16):
         for nw in (4, 8, 16):
             per_thread = rows * bk // (32 * nw)
@@ -138,13 +192,17 @@ def prologue_quantize(x, prologue, shift=None, scale=None, rows_per_sample=0, ep
     flags = dict(BLOCK_K=bk, PROLOGUE=pcode, HAS_MULT=has_mult, IS_FP8=fmt == "fp8", FP8_SOFT=INTERPRET)
 
     def launch(c):
-        rows, nw = c
+        rows, nw = c[:2]
+        if len(c) == 3:
+            return _gelu_quant_chunked_kernel[(_cdiv(m, rows),)](
+                x2, mult if has_mult else s, q, s, m, k, x2.stride(0), q.stride(0), float(qmax), fmax, ROWS=rows,
+                CK=c[2], PROLOGUE=pcode, HAS_MULT=has_mult, IS_FP8=fmt == "fp8", FP8_SOFT=INTERPRET, num_warps=nw)
         return _prologue_quant_kernel[(_cdiv(m, rows),)](
             x2, sh, sc, mult if has_mult else s, q, s, m, k, x2.stride(0), q.stride(0), rows_per_sample,
             stride_sh, stride_sc, float(eps), float(qmax), fmax, ROWS=rows, num_warps=nw, **flags)
 
     global last_config
     key = (k, m_bucket(m), x2.dtype, str(dev), pcode, has_mult, fmt, os.environ.get("VIDITQ_TUNE", "1"))
-    last_config = tuner.pick(key, candidates(k, m), launch)
+    last_config = tuner.pick(key, candidates(k, m, pcode), launch)
     launch(last_config)
     return QuantizedActivation(q=q, scale=s)

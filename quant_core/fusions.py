@@ -100,6 +100,7 @@ def _comfy_pixart_block_forward(block: nn.Module) -> Callable:
     from ..models.fused_input import modulated_input
 
     def forward(x, y, t, mask=None, HW=None, **kwargs):
+        x = x.contiguous()  # the patch embedding leaves x channel-strided; the fused quantize reads rows
         b = x.shape[0]
         table = block.scale_shift_table[None].to(dtype=x.dtype, device=x.device)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (table + t.reshape(b, 6, -1)).chunk(6, 1)

@@ -58,7 +58,22 @@ def test_norm_modulate_uses_each_rows_sample_and_extremes():
     assert not torch.equal(swapped.q[:rows], plain.q[:rows])
 
 
-def test_gelu_extremes_and_poisoned_outputs():
+@pytest.mark.parametrize("prologue", ["gelu_tanh", "gelu"])
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_chunked_gelu_kernel(prologue, fmt):
+    """The two-pass chunked kernel the tuner may pick for wide rows (forced here: the interpreter never tunes)."""
+    x, _, _, mult = _inputs(9, 200, torch.bfloat16, seed=11)
+    x[3, :4] = torch.tensor([-1e4, 1e4, 0.0, 3.0])
+    tpq.tuner.force = (2, 4, 64)
+    try:
+        a = tpq.prologue_quantize(x, prologue, mult=mult, fmt=fmt, qmax=448 if fmt == "fp8" else 127)
+    finally:
+        tpq.tuner.force = None
+    r = reference.prologue_quantize(x, prologue, mult=mult, fmt=fmt, qmax=448 if fmt == "fp8" else 127)
+    _check(a, r, fmt)
+
+
+def test_gelu_extremes_and_zero_token():
     k = 200
     x = torch.randn(9, k).to(torch.bfloat16)
     x[0] = 0

@@ -38,6 +38,7 @@ class STDiTBlock(nn.Module):
         self.attn_temp = Attention(hidden, heads, **kw)
 
     def forward(self, x, y, t, frames: int, tpe: Optional[torch.Tensor] = None, mask=None):
+        x = x.contiguous()  # the patch embedding leaves x channel-strided; the fused quantize reads rows
         b, n, c = x.shape
         s = n // frames
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (

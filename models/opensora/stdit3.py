@@ -41,6 +41,7 @@ class STDiT3Block(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.zeros(6, hidden, dtype=dtype, device=device))
 
     def forward(self, x, y, t, frames: int, rope=None, mask=None):
+        x = x.contiguous()  # the patch embedding leaves x channel-strided; the fused quantize reads rows
         b, n, c = x.shape
         s = n // frames
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (

@@ -55,7 +55,7 @@ T_START = time.time()
 ALL_VARIANTS = ["fp16", "fp16_attn_fp8", "w8a8_int8", "w8a8_fp8", "w8a8_fp8_attn", "torchao_int8", "torchao_fp8",
                 "comfy_fp8_fast_equiv", "w4a8_plan", "w8a8_fp8_norot", "fp16_compile", "w8a8_fp8_compile",
                 "w8a8_fp8_norot_compile", "w8a8_sq_compile", "w8a8_sq_kcompile", "w8a8_full", "torchao_int8_compile",
-                "w8a8_sq_fused", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile"]
+                "w8a8_sq_fused", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile", "fp16_strided"]
 COMPILED = {"w8a8_full", "torchao_int8_compile", "fp16_compile", "w8a8_fp8_compile", "w8a8_fp8_norot_compile",
             "w8a8_sq_compile", "w8a8_sq_kcompile", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile"}
 # our variants: (preset, config changes, quantized attention, compiled, activation quantize under compile)
@@ -122,6 +122,7 @@ from viditq.models.pixart import PixArt, pixart_config_from_state_dict  # noqa: 
 from viditq.models.tiny_pixart import build_tiny_pixart_state_dict  # noqa: E402
 from viditq.quant_core import (QuantPlan, build_quant_layers, describe_model, get_preset,  # noqa: E402
                                install_quant_layers, replace_layers)
+from viditq.models import fused_input  # noqa: E402
 from viditq.quant_core.attention import set_pixart_attention  # noqa: E402
 
 
@@ -877,7 +878,9 @@ def main():
         t0 = time.time()
         old, target, extra, opaque, env_saved = None, model, {}, None, False
         try:
-            if v in ("fp16", "fp16_compile", "fp16_attn_fp8"):
+            if v == "fp16_strided":  # the channel-strided residual stream ComfyUI's own PixArt keeps
+                fused_input.CONTIGUOUS_RESIDUAL = False
+            elif v in ("fp16", "fp16_compile", "fp16_attn_fp8"):
                 target = model if v != "fp16_compile" else compile_blocks(copy.deepcopy(model))
                 if v == "fp16_attn_fp8":
                     set_pixart_attention(model, "fp8")
@@ -951,6 +954,7 @@ def main():
                 if env_saved is not None:
                     os.environ["VIDITQ_COMPILE_QUANT"] = env_saved
             set_pixart_attention(model, "off")
+            fused_input.CONTIGUOUS_RESIDUAL = True
             if old is not None:
                 replace_layers(model, old)
             if target is not model:

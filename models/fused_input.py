@@ -3,6 +3,18 @@ import torch
 import torch.nn as nn
 
 
+# The patch embeddings (ours and ComfyUI's) end in flatten(2).transpose(1, 2), so the residual stream [B, N, C] is
+# channel-strided and every elementwise op on it runs the slow strided path (and the fused quantize would need a
+# copy). The blocks make it contiguous once, at the first block. False reproduces the strided layout (ComfyUI's own
+# PixArt keeps it) for measurements: bench/bench_e2e.py's fp16_strided.
+CONTIGUOUS_RESIDUAL = True
+
+
+def block_input(x: torch.Tensor) -> torch.Tensor:
+    """The residual stream as a block takes it: contiguous rows (see CONTIGUOUS_RESIDUAL)."""
+    return x.contiguous() if CONTIGUOUS_RESIDUAL else x
+
+
 def modulated_input(layer: nn.Module, norm: nn.Module, x: torch.Tensor, shift: torch.Tensor,
                     scale: torch.Tensor) -> torch.Tensor:
     """norm(x) * (1 + scale) + shift, the input of `layer` (x [B, N, C], shift / scale [B, 1, C]).

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import fused_input
 from .fused_input import modulated_input
 
 
@@ -118,7 +119,7 @@ class PixArtBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden) / hidden ** 0.5)
 
     def forward(self, x, y, t):
-        x = x.contiguous()  # the patch embedding leaves x channel-strided; the fused quantize reads rows
+        x = fused_input.block_input(x)
         b = x.shape[0]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.scale_shift_table[None].to(x.dtype) + t.reshape(b, 6, -1)

@@ -97,10 +97,11 @@ def fusion_patches(model: nn.Module, layers: Dict[str, nn.Module]) -> Dict[str, 
 def _comfy_pixart_block_forward(block: nn.Module) -> Callable:
     """ComfyUI's PixArtMSBlock.forward (comfy/ldm/pixart/pixartms.py) with the modulated inputs through
     modulated_input; a test checks it against the original on the real class."""
+    from ..models import fused_input
     from ..models.fused_input import modulated_input
 
     def forward(x, y, t, mask=None, HW=None, **kwargs):
-        x = x.contiguous()  # the patch embedding leaves x channel-strided; the fused quantize reads rows
+        x = fused_input.block_input(x)  # ComfyUI's patch embedding leaves x channel-strided
         b = x.shape[0]
         table = block.scale_shift_table[None].to(dtype=x.dtype, device=x.device)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (table + t.reshape(b, 6, -1)).chunk(6, 1)

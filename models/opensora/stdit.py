@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from .common import (Attention, CaptionEmbedder, CrossAttention, Mlp, PatchEmbed3D, T2IFinalLayer, TimestepEmbedder,
                      as_caption, cast_like, match_batch, ops_or_torch, sincos_1d, sincos_2d, unpatchify)
+from .. import fused_input
 from ..fused_input import modulated_input
 
 
@@ -38,7 +39,7 @@ class STDiTBlock(nn.Module):
         self.attn_temp = Attention(hidden, heads, **kw)
 
     def forward(self, x, y, t, frames: int, tpe: Optional[torch.Tensor] = None, mask=None):
-        x = x.contiguous()  # the patch embedding leaves x channel-strided; the fused quantize reads rows
+        x = fused_input.block_input(x)
         b, n, c = x.shape
         s = n // frames
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (

@@ -17,6 +17,7 @@ import torch.nn as nn
 from .common import (Attention, CaptionEmbedder, CrossAttention, Mlp, PatchEmbed3D, RotaryEmbedding1D,
                      T2IFinalLayer, TimestepEmbedder, as_caption, cast_like, match_batch, modulate, ops_or_torch,
                      sincos_2d, unpatchify)
+from .. import fused_input
 from ..fused_input import modulated_input
 
 VAE_SPATIAL_FACTOR = 8
@@ -41,7 +42,7 @@ class STDiT3Block(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.zeros(6, hidden, dtype=dtype, device=device))
 
     def forward(self, x, y, t, frames: int, rope=None, mask=None):
-        x = x.contiguous()  # the patch embedding leaves x channel-strided; the fused quantize reads rows
+        x = fused_input.block_input(x)
         b, n, c = x.shape
         s = n // frames
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (

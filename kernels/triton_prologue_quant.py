@@ -38,6 +38,34 @@ def _gelu_f32(x, PROLOGUE: tl.constexpr):
 
 
 @triton.jit
+def _store_codes(qptr, v, m2, qmax, fmax, IS_FP8: tl.constexpr, FP8_SOFT: tl.constexpr):
+    """v = x / scale as int8 (round to nearest even, clamped) or fp8 e4m3 codes."""
+    if IS_FP8:
+        v = tl.minimum(tl.maximum(v, -fmax), fmax)
+        if FP8_SOFT:  # the interpreter's cast does not round to nearest-even; the GPU's does
+            v = _round_fp8_grid(v)
+        tl.store(qptr, v.to(tl.float8e4nv), mask=m2)
+    else:
+        v = tl.minimum(tl.maximum(v, -qmax), qmax)
+        v = (v + 12582912.0) - 12582912.0  # round to nearest, ties to even (|v| <= 127)
+        tl.store(qptr, v.to(tl.int32).to(tl.int8), mask=m2)
+
+
+@triton.jit
+def _gelu_chunk(X, MULT, rows64, rmask, k0, K, stride_xm, CK: tl.constexpr, PROLOGUE: tl.constexpr,
+                HAS_MULT: tl.constexpr):
+    """GELU(x[rows, k0:k0+CK]) * mult in fp32, with its columns and mask."""
+    cols = k0 + tl.arange(0, CK)
+    cmask = cols < K
+    m2 = rmask[:, None] & cmask[None, :]
+    x = _gelu_f32(tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=m2, other=0.0).to(tl.float32),
+                  PROLOGUE)
+    if HAS_MULT:
+        x = x * tl.load(MULT + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    return x, cols, m2
+
+
+@triton.jit
 def _prologue_quant_kernel(X, SHIFT, SCL, MULT, Q, S,
                            M, K, stride_xm, stride_qm, rows_per_sample, stride_shb, stride_scb, eps, qmax, fmax,
                            ROWS: tl.constexpr, BLOCK_K: tl.constexpr, PROLOGUE: tl.constexpr,
@@ -65,17 +93,8 @@ def _prologue_quant_kernel(X, SHIFT, SCL, MULT, Q, S,
     x = tl.where(m2, x, 0.0)
     scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12) / fmax  # SCALE_EPS, as the reference
     tl.store(S + rows, scale, mask=rmask)
-    v = x / scale[:, None]
-    qptr = Q + rows64[:, None] * stride_qm + cols[None, :]
-    if IS_FP8:
-        v = tl.minimum(tl.maximum(v, -fmax), fmax)
-        if FP8_SOFT:  # the interpreter's cast does not round to nearest-even; the GPU's does
-            v = _round_fp8_grid(v)
-        tl.store(qptr, v.to(tl.float8e4nv), mask=m2)
-    else:
-        v = tl.minimum(tl.maximum(v, -qmax), qmax)
-        v = (v + 12582912.0) - 12582912.0  # round to nearest, ties to even (|v| <= 127)
-        tl.store(qptr, v.to(tl.int32).to(tl.int8), mask=m2)
+    _store_codes(Q + rows64[:, None] * stride_qm + cols[None, :], x / scale[:, None], m2, qmax, fmax, IS_FP8,
+                 FP8_SOFT)
 
 
 @triton.jit
@@ -90,36 +109,14 @@ def _gelu_quant_chunked_kernel(X, MULT, Q, S, M, K, stride_xm, stride_qm, qmax, 
     rows64 = rows.to(tl.int64)
     amax = tl.zeros([ROWS], dtype=tl.float32)
     for k0 in tl.range(0, K, CK, num_stages=3):
-        cols = k0 + tl.arange(0, CK)
-        cmask = cols < K
-        m2 = rmask[:, None] & cmask[None, :]
-        x = _gelu_f32(tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=m2, other=0.0).to(tl.float32),
-                      PROLOGUE)
-        if HAS_MULT:
-            x = x * tl.load(MULT + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        x, cols, m2 = _gelu_chunk(X, MULT, rows64, rmask, k0, K, stride_xm, CK, PROLOGUE, HAS_MULT)
         amax = tl.maximum(amax, tl.max(tl.where(m2, tl.abs(x), 0.0), axis=1))
     scale = tl.maximum(amax, 1e-12) / fmax
     tl.store(S + rows, scale, mask=rmask)
-    inv = 1.0 / scale
     for k0 in tl.range(0, K, CK, num_stages=3):
-        cols = k0 + tl.arange(0, CK)
-        cmask = cols < K
-        m2 = rmask[:, None] & cmask[None, :]
-        x = _gelu_f32(tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=m2, other=0.0).to(tl.float32),
-                      PROLOGUE)
-        if HAS_MULT:
-            x = x * tl.load(MULT + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        v = x / scale[:, None]
-        qptr = Q + rows64[:, None] * stride_qm + cols[None, :]
-        if IS_FP8:
-            v = tl.minimum(tl.maximum(v, -fmax), fmax)
-            if FP8_SOFT:
-                v = _round_fp8_grid(v)
-            tl.store(qptr, v.to(tl.float8e4nv), mask=m2)
-        else:
-            v = tl.minimum(tl.maximum(v, -qmax), qmax)
-            v = (v + 12582912.0) - 12582912.0
-            tl.store(qptr, v.to(tl.int32).to(tl.int8), mask=m2)
+        x, cols, m2 = _gelu_chunk(X, MULT, rows64, rmask, k0, K, stride_xm, CK, PROLOGUE, HAS_MULT)
+        _store_codes(Q + rows64[:, None] * stride_qm + cols[None, :], x / scale[:, None], m2, qmax, fmax, IS_FP8,
+                     FP8_SOFT)
 
 
 tuner = Tuner("prologue_quant", graph=True)  # microseconds of kernel: eager timing would time the host

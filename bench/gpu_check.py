@@ -7,6 +7,7 @@ warm-up), compared with eager. Prints a table and writes <out>/gpu_check_<gpu>.j
     python bench/gpu_check.py --out bench/results
 """
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
@@ -55,21 +56,24 @@ def check_layers(rows):
                              "plans": plans, "ok": err < (0.03 if "fp8" in preset else 0.01)})
 
 
+def small_pixart(seed: int):
+    """A 2-block PixArt at hidden 1152 in bf16 on the GPU, its inputs (x, t, context) and the generator used."""
+    sd = build_tiny_pixart_state_dict(0, hidden=1152, depth=2, caption_channels=4096, token_num=120)
+    model = PixArt(**pixart_config_from_state_dict(sd))
+    model.load_state_dict(sd)
+    model = model.cuda().to(torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 64, 64, generator=g).cuda().to(torch.bfloat16)
+    ctx = torch.randn(2, 120, 4096, generator=g).cuda().to(torch.bfloat16)
+    return model, (x, torch.tensor([500.0, 500.0]).cuda(), ctx), g
+
+
 def check_fused(rows):
     """quant_core/fusions.py on the GPU: each fused layer (prologue kernel + GEMM) against the torch reference of
     the same math, and a PixArt step fused vs unfused (they differ only by the bf16 rounding the fused path skips)."""
     from viditq.quant_core import fusion_patches
 
-    sd = build_tiny_pixart_state_dict(0, hidden=1152, depth=2)
-    model = PixArt(**pixart_config_from_state_dict(sd))
-    model.load_state_dict(sd)
-    model = model.cuda().to(torch.bfloat16).eval()
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 4, 64, 64, generator=g).cuda().to(torch.bfloat16)
-    t = torch.tensor([500.0, 500.0]).cuda()
-    ctx = torch.randn(2, 120, 4096, generator=g).cuda().to(torch.bfloat16)
-    import dataclasses
-
+    model, (x, t, ctx), g = small_pixart(seed=2)
     for preset in ("w8a8-smoothquant", "w8a8-fp8-norot"):
         cfg = dataclasses.replace(get_preset("w8a8-fp8"), rotate=False) if preset == "w8a8-fp8-norot" \
             else get_preset(preset)
@@ -108,14 +112,7 @@ def check_fused(rows):
 
 
 def check_compiled(rows):
-    sd = build_tiny_pixart_state_dict(0, hidden=1152, depth=2, caption_channels=4096, token_num=120)
-    model = PixArt(**pixart_config_from_state_dict(sd))
-    model.load_state_dict(sd)
-    model = model.cuda().to(torch.bfloat16).eval()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, 64, 64, generator=g).cuda().to(torch.bfloat16)
-    t = torch.tensor([500.0, 500.0]).cuda()
-    ctx = torch.randn(2, 120, 4096, generator=g).cuda().to(torch.bfloat16)
+    model, (x, t, ctx), _ = small_pixart(seed=1)
     for preset in ("w8a8", "w8a8-smoothquant"):
         layers, _ = build_quant_layers(model, get_preset(preset), None, None, "auto")
         old = install_quant_layers(model, layers)

@@ -7,7 +7,9 @@ do_bench_cudagraph: the kernels alone, without the host's launch cost):
   ours      the Triton kernel (one read of x, int8 / fp8 codes + fp32 scales written)
   inductor  torch.compile of the same torch expression (reference twin), tuned as the e2e bench tunes it
   eager     the torch reference, eager
-and the byte floor (x read once + codes + scales written, at the measured copy bandwidth).
+  aq_plain  (prologue "none" only) triton_act_quant's per-token quantize without rotation, the kernel unfused
+            unrotated layers call in eager
+and the tuner's time for every candidate config, and the byte floor (x read once + codes + scales written, at the measured copy bandwidth).
 
     python bench/bench_prologue.py --out bench/results
 """
@@ -23,13 +25,15 @@ from _viditq import import_viditq  # noqa: E402
 
 viditq = import_viditq()
 from viditq.kernels import reference  # noqa: E402
+from viditq.kernels import triton_act_quant as taq  # noqa: E402
 from viditq.kernels import triton_prologue_quant as tpq  # noqa: E402
 
 SHAPES = [  # (M, K, prologue): tokens of a CFG batch of 2
     (2048, 1152, "norm_modulate"), (2048, 4608, "gelu_tanh"),
     (8192, 1152, "norm_modulate"), (8192, 4608, "gelu_tanh"),
     (32768, 1152, "norm_modulate"), (32768, 4608, "gelu_tanh"),
-    (8191, 1152, "norm_modulate"), (1, 4608, "gelu_tanh"),  # odd sizes: correctness
+    (8192, 1152, "none"), (32768, 1152, "none"), (8192, 4608, "none"),  # the plain per-token quantize
+    (8191, 1152, "norm_modulate"), (1, 4608, "gelu_tanh"), (129, 1152, "none"),  # odd sizes: correctness
 ]
 
 
@@ -91,7 +95,15 @@ def main():
                 row.update(ms=round(ours, 5), inductor_ms=round(ind, 5), eager_ms=round(eager, 5),
                            floor_ms=round(floor, 5), x_floor=round(ours / floor, 2),
                            inductor_x_floor=round(ind / floor, 2), speedup_vs_inductor=round(ind / ours, 2))
+                if pro == "none":
+                    taq.quantize_activation(x, mult, 0, fmt, qmax)
+                    row["aq_plain_ms"] = round(triton.testing.do_bench_cudagraph(
+                        lambda: taq.quantize_activation(x, mult, 0, fmt, qmax), rep=30, return_mode="median"), 5)
                 torch._dynamo.reset()
+                row["tuner_us"] = {str(c): round(t * 1e3, 2) for c, t in
+                                   next((v for kk, v in tpq.tuner.timings.items()
+                                         if kk[0] == k and kk[4] == tpq.PROLOGUES[pro] and kk[6] == fmt
+                                         and kk[1] == tpq.m_bucket(m)), {}).items()}
             rows.append(row)
             print(json.dumps(row), flush=True)
     gpu = torch.cuda.get_device_name()
@@ -101,11 +113,12 @@ def main():
     path.write_text(json.dumps({"gpu": gpu, "command": "python bench/bench_prologue.py " + " ".join(sys.argv[1:]),
                                 "torch": torch.__version__, "triton": __import__("triton").__version__,
                                 "copy_bandwidth_GBps": round(bw / 1e9, 1), "rows": rows}, indent=1))
-    print("\n| M | K | prologue | fmt | ok | ours ms | x floor | Inductor ms | x floor | eager ms |")
+    print("\n| M | K | prologue | fmt | ok | ours ms | x floor | config | Inductor ms | x floor | eager ms | aq_plain ms |")
     for r in rows:
         if "ms" in r:
             print(f"| {r['M']} | {r['K']} | {r['prologue']} | {r['fmt']} | {r['correct']} | {r['ms']:.4f} | "
-                  f"{r['x_floor']} | {r['inductor_ms']:.4f} | {r['inductor_x_floor']} | {r['eager_ms']:.4f} |")
+                  f"{r['x_floor']} | {r['config']} | {r['inductor_ms']:.4f} | {r['inductor_x_floor']} | "
+                  f"{r['eager_ms']:.4f} | {r.get('aq_plain_ms', '–')} |")
         else:
             print(f"| {r['M']} | {r['K']} | {r['prologue']} | {r['fmt']} | {r['correct']} | – | | | | |")
 

@@ -133,7 +133,7 @@ def quantized_matmul(
     return out.to(out_dtype)
 
 
-PROLOGUES = ("gelu_tanh", "gelu", "norm_modulate")
+PROLOGUES = ("none", "gelu_tanh", "gelu", "norm_modulate")
 
 
 def apply_prologue(x: torch.Tensor, prologue: Optional[str], shift: Optional[torch.Tensor] = None,
@@ -141,11 +141,11 @@ def apply_prologue(x: torch.Tensor, prologue: Optional[str], shift: Optional[tor
                    ) -> torch.Tensor:
     """The producer's elementwise work that a fused quantize runs first, in fp32: [..., K] -> float32 [M, K].
 
-    gelu_tanh / gelu: GELU(x). norm_modulate: LayerNorm(x) (no affine) * (1 + scale_b) + shift_b, with b the
+    none: x itself. gelu_tanh / gelu: GELU(x). norm_modulate: LayerNorm(x) (no affine) * (1 + scale_b) + shift_b, with b the
     sample of the row (rows_per_sample rows each; shift / scale [B, 1, K], [B, K] or one [K] vector for all)."""
     k = x.shape[-1]
     xf = x.reshape(-1, k).float()
-    if prologue is None:
+    if prologue is None or prologue == "none":
         return xf
     if prologue == "gelu_tanh":
         return torch.nn.functional.gelu(xf, approximate="tanh")

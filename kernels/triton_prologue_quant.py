@@ -1,5 +1,6 @@
 """Per-token activation quantize with the producer's elementwise work fused in front (one read of x, one write).
 
+    prologue "none":                q, s = quantize(x * mult)                   (the plain per-token quantize)
     prologue "gelu_tanh" / "gelu":  q, s = quantize(GELU(h) * mult)             (fc2's input: fc1's output h)
     prologue "norm_modulate":       q, s = quantize((LN(x) * (1 + scale_b) + shift_b) * mult)
                                                                                (qkv / fc1 input: the residual x)
@@ -9,7 +10,9 @@ triton_act_quant's kernel (fusions.py only fuses unrotated layers).
 
 Why: under torch.compile Inductor fuses LayerNorm+modulate+quantize and GELU+quantize itself, but as looped
 reductions that read each row two or three times; on the H200 that was 4-7x the byte floor (bench/NOTES_e2e.md).
-Here a program holds whole rows in registers (K padded to a power of two, masked), so x is read once.
+Here a program holds whole rows in registers, so x is read once. A row is two power-of-two pieces (1152 = 1024 +
+128): a single padded block (1152 -> 2048) left 44 % of the lanes masked, and the kernel was issue-bound at ~3.3x
+its byte floor (bench/NOTES_kernels.md, session 12).
 The reference twin is kernels.reference.prologue_quantize (fp32 throughout, no bf16 rounding between the
 prologue and the quantize, as here).
 """
@@ -22,33 +25,32 @@ import triton.language as tl
 from .triton_act_quant import INTERPRET, Tuner, _cdiv, _next_pow2, _round_fp8_grid, m_bucket
 from .types import FP8_E4M3_MAX, SCALE_EPS, QuantizedActivation
 
-PROLOGUES = {"gelu_tanh": 1, "gelu": 2, "norm_modulate": 3}
+PROLOGUES = {"none": 0, "gelu_tanh": 1, "gelu": 2, "norm_modulate": 3}
 assert SCALE_EPS == 1e-12  # the kernel writes this literal
 MAX_K = 16384  # whole rows in registers: beyond this the reference runs (no DiT layer here is that wide)
 
 
 @triton.jit
 def _gelu_f32(x, PROLOGUE: tl.constexpr):
-    if PROLOGUE == 1:  # tanh approximation; tanh(u) = 1 - 2 / (exp(2u) + 1), exp clamped below overflow
-        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        x = 0.5 * x * (2.0 - 2.0 / (tl.exp(tl.minimum(2.0 * u, 80.0)) + 1.0))
-    else:
+    if PROLOGUE == 1:  # tanh approximation as x * sigmoid(2u): 0.5 * (1 + tanh(u)) = 1 / (1 + exp(-2u))
+        u2 = x * (1.5957691216057308 + 0.0713548162726009 * x * x)  # 2u = 2 * sqrt(2/pi) * (x + 0.044715 x^3)
+        x = x / (1.0 + tl.exp(tl.minimum(-u2, 80.0)))  # very negative x: x / 5.5e34, GELU's limit 0
+    elif PROLOGUE == 2:
         x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
     return x
 
 
 @triton.jit
-def _store_codes(qptr, v, m2, qmax, fmax, IS_FP8: tl.constexpr, FP8_SOFT: tl.constexpr):
-    """v = x / scale as int8 (round to nearest even, clamped) or fp8 e4m3 codes."""
+def _store_codes(qptr, v, m2, fmax, IS_FP8: tl.constexpr, FP8_SOFT: tl.constexpr):
+    """v = x * (fmax / amax) as int8 (round to nearest even) or fp8 e4m3 codes. |v| <= fmax up to an ulp of the
+    reciprocal, so int8 needs no clamp: v + 1.5 * 2^23 rounds, and its low byte is the two's-complement code."""
     if IS_FP8:
         v = tl.minimum(tl.maximum(v, -fmax), fmax)
         if FP8_SOFT:  # the interpreter's cast does not round to nearest-even; the GPU's does
             v = _round_fp8_grid(v)
         tl.store(qptr, v.to(tl.float8e4nv), mask=m2)
     else:
-        v = tl.minimum(tl.maximum(v, -qmax), qmax)
-        v = (v + 12582912.0) - 12582912.0  # round to nearest, ties to even (|v| <= 127)
-        tl.store(qptr, v.to(tl.int32).to(tl.int8), mask=m2)
+        tl.store(qptr, (v + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8), mask=m2)
 
 
 @triton.jit
@@ -66,39 +68,93 @@ def _gelu_chunk(X, MULT, rows64, rmask, k0, K, stride_xm, CK: tl.constexpr, PROL
 
 
 @triton.jit
-def _prologue_quant_kernel(X, SHIFT, SCL, MULT, Q, S,
-                           M, K, stride_xm, stride_qm, rows_per_sample, stride_shb, stride_scb, eps, qmax, fmax,
-                           ROWS: tl.constexpr, BLOCK_K: tl.constexpr, PROLOGUE: tl.constexpr,
-                           HAS_MULT: tl.constexpr, IS_FP8: tl.constexpr, FP8_SOFT: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * ROWS + tl.arange(0, ROWS)
-    rmask = rows < M
-    cols = tl.arange(0, BLOCK_K)
+def _load_piece(X, rows64, rmask, c0, K, stride_xm, BK: tl.constexpr):
+    cols = c0 + tl.arange(0, BK)
     cmask = cols < K
     m2 = rmask[:, None] & cmask[None, :]
-    rows64 = rows.to(tl.int64)
     x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-    if PROLOGUE != 3:
-        x = _gelu_f32(x, PROLOGUE)
-    else:  # LayerNorm (no affine) + adaLN modulate of the row's sample
-        mean = tl.sum(x, axis=1) / K
-        d = tl.where(m2, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / K + eps)
-        b = (rows // rows_per_sample).to(tl.int64)
-        sc = tl.load(SCL + b[:, None] * stride_scb + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        sh = tl.load(SHIFT + b[:, None] * stride_shb + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        x = d * rstd[:, None] * (1.0 + sc) + sh
-    if HAS_MULT:
-        x = x * tl.load(MULT + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    x = tl.where(m2, x, 0.0)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12) / fmax  # SCALE_EPS, as the reference
-    tl.store(S + rows, scale, mask=rmask)
-    _store_codes(Q + rows64[:, None] * stride_qm + cols[None, :], x / scale[:, None], m2, qmax, fmax, IS_FP8,
-                 FP8_SOFT)
+    return x, cols, cmask, m2
 
 
 @triton.jit
-def _gelu_quant_chunked_kernel(X, MULT, Q, S, M, K, stride_xm, stride_qm, qmax, fmax,
+def _modulate_piece(d, cols, cmask, m2, b_row, b0, SHIFT, SCL, MULT, stride_shb, stride_scb,
+                    HAS_MULT: tl.constexpr, ONE_SAMPLE: tl.constexpr):
+    """d * (1 + scale_b) * mult + shift_b * mult for the rows' samples b (one vector when they share one)."""
+    if ONE_SAMPLE:
+        a = 1.0 + tl.load(SCL + b0 * stride_scb + cols, mask=cmask, other=0.0).to(tl.float32)
+        c = tl.load(SHIFT + b0 * stride_shb + cols, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_MULT:
+            mu = tl.load(MULT + cols, mask=cmask, other=0.0).to(tl.float32)
+            a, c = a * mu, c * mu
+        return d * a[None, :] + c[None, :]
+    else:
+        sc = tl.load(SCL + b_row[:, None] * stride_scb + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        sh = tl.load(SHIFT + b_row[:, None] * stride_shb + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        y = d * (1.0 + sc) + sh
+        if HAS_MULT:
+            y = y * tl.load(MULT + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        return y
+
+
+@triton.jit
+def _act_piece(x, cols, cmask, MULT, PROLOGUE: tl.constexpr, HAS_MULT: tl.constexpr):
+    x = _gelu_f32(x, PROLOGUE)
+    if HAS_MULT:
+        x = x * tl.load(MULT + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    return x
+
+
+@triton.jit
+def _prologue_quant_kernel(X, SHIFT, SCL, MULT, Q, S,
+                           M, K, stride_xm, stride_qm, rows_per_sample, stride_shb, stride_scb, eps, fmax,
+                           ROWS: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr, PROLOGUE: tl.constexpr,
+                           HAS_MULT: tl.constexpr, ONE_SAMPLE: tl.constexpr, IS_FP8: tl.constexpr,
+                           FP8_SOFT: tl.constexpr):
+    """ROWS whole rows per program, each held as two power-of-two pieces [0, BK1) + [BK1, BK1 + BK2) (1152 =
+    1024 + 128, 4608 = 4096 + 512: no padded lanes where K is such a sum; BK2 = 0: one piece)."""
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    rmask = rows < M
+    rows64 = rows.to(tl.int64)
+    x1, c1, cm1, m1 = _load_piece(X, rows64, rmask, 0, K, stride_xm, BK1)
+    if BK2 > 0:
+        x2, c2, cm2, m2 = _load_piece(X, rows64, rmask, BK1, K, stride_xm, BK2)
+    if PROLOGUE == 3:  # LayerNorm (no affine) + adaLN modulate of the row's sample
+        tot = tl.sum(x1, axis=1)
+        if BK2 > 0:
+            tot += tl.sum(x2, axis=1)
+        mean = tot / K
+        d1 = tl.where(m1, x1 - mean[:, None], 0.0)
+        var = tl.sum(d1 * d1, axis=1)
+        if BK2 > 0:
+            d2 = tl.where(m2, x2 - mean[:, None], 0.0)
+            var += tl.sum(d2 * d2, axis=1)
+        rstd = tl.math.rsqrt(var / K + eps)
+        b_row = (rows // rows_per_sample).to(tl.int64)
+        b0 = ((pid * ROWS) // rows_per_sample).to(tl.int64)
+        x1 = _modulate_piece(d1 * rstd[:, None], c1, cm1, m1, b_row, b0, SHIFT, SCL, MULT, stride_shb, stride_scb,
+                             HAS_MULT, ONE_SAMPLE)
+        if BK2 > 0:
+            x2 = _modulate_piece(d2 * rstd[:, None], c2, cm2, m2, b_row, b0, SHIFT, SCL, MULT, stride_shb,
+                                 stride_scb, HAS_MULT, ONE_SAMPLE)
+    else:  # GELU (1, 2) or nothing (0), then the smoothing vector; padded lanes hold 0 and stay 0
+        x1 = _act_piece(x1, c1, cm1, MULT, PROLOGUE, HAS_MULT)
+        if BK2 > 0:
+            x2 = _act_piece(x2, c2, cm2, MULT, PROLOGUE, HAS_MULT)
+    amax = tl.max(tl.abs(x1), axis=1)
+    if BK2 > 0:
+        amax = tl.maximum(amax, tl.max(tl.abs(x2), axis=1))
+    amax = tl.maximum(amax, 1e-12)  # SCALE_EPS, as the reference
+    tl.store(S + rows, amax / fmax, mask=rmask)
+    inv = fmax / amax
+    _store_codes(Q + rows64[:, None] * stride_qm + c1[None, :], x1 * inv[:, None], m1, fmax, IS_FP8, FP8_SOFT)
+    if BK2 > 0:
+        _store_codes(Q + rows64[:, None] * stride_qm + c2[None, :], x2 * inv[:, None], m2, fmax, IS_FP8,
+                     FP8_SOFT)
+
+
+@triton.jit
+def _gelu_quant_chunked_kernel(X, MULT, Q, S, M, K, stride_xm, stride_qm, fmax,
                                ROWS: tl.constexpr, CK: tl.constexpr, PROLOGUE: tl.constexpr,
                                HAS_MULT: tl.constexpr, IS_FP8: tl.constexpr, FP8_SOFT: tl.constexpr):
     """GELU prologue for wide rows (fc2's K = 4608): two passes over K in chunks of CK, the second re-reading x
@@ -111,31 +167,39 @@ def _gelu_quant_chunked_kernel(X, MULT, Q, S, M, K, stride_xm, stride_qm, qmax, 
     for k0 in tl.range(0, K, CK, num_stages=3):
         x, cols, m2 = _gelu_chunk(X, MULT, rows64, rmask, k0, K, stride_xm, CK, PROLOGUE, HAS_MULT)
         amax = tl.maximum(amax, tl.max(tl.where(m2, tl.abs(x), 0.0), axis=1))
-    scale = tl.maximum(amax, 1e-12) / fmax
-    tl.store(S + rows, scale, mask=rmask)
+    amax = tl.maximum(amax, 1e-12)
+    tl.store(S + rows, amax / fmax, mask=rmask)
+    inv = fmax / amax
     for k0 in tl.range(0, K, CK, num_stages=3):
         x, cols, m2 = _gelu_chunk(X, MULT, rows64, rmask, k0, K, stride_xm, CK, PROLOGUE, HAS_MULT)
-        _store_codes(Q + rows64[:, None] * stride_qm + cols[None, :], x / scale[:, None], m2, qmax, fmax, IS_FP8,
-                     FP8_SOFT)
+        _store_codes(Q + rows64[:, None] * stride_qm + cols[None, :], x * inv[:, None], m2, fmax, IS_FP8, FP8_SOFT)
 
 
 tuner = Tuner("prologue_quant", graph=True)  # microseconds of kernel: eager timing would time the host
 last_config = None
 
 
+def pieces(k: int):
+    """(BK1, BK2): a row of K channels as two power-of-two pieces (BK2 = 0: one piece); padding only where K is
+    not a sum of two powers of two (1152 = 1024 + 128 and 4608 = 4096 + 512 have none)."""
+    bk1 = max(1 << (max(k, 1).bit_length() - 1), 16)
+    rest = k - bk1
+    return bk1, (max(_next_pow2(rest), 16) if rest > 0 else 0)
+
+
 def candidates(k: int, m: int, pcode: int = 3):
-    """(rows per program, num_warps[, chunk]): whole rows per program with about 8-32 fp32 values per thread; for
+    """(rows per program, num_warps[, chunk]): whole rows per program with about 8-48 fp32 values per thread; for
     the GELU prologue at K >= 2048 also the two-pass chunked kernel (chunk of CK channels)."""
-    bk = max(_next_pow2(k), 16)
+    lanes = sum(pieces(k))
     if INTERPRET:
-        return [(2, 4)] + ([(2, 4, 64)] if pcode != 3 else [])
+        return [(2, 4)] + ([(2, 4, 64)] if pcode in (1, 2) else [])
     out = []
-    if pcode != 3 and k >= 2048:
+    if pcode in (1, 2) and k >= 2048:
         out += [(r, nw, ck) for r, nw, ck in ((1, 4, 1024), (2, 4, 512), (4, 8, 512), (2, 8, 1024), (1, 8, 2048))]
     for rows in (1, 2, 4, 8, 16):
-        for nw in (4, 8, 16):
-            per_thread = rows * bk // (32 * nw)
-            if 4 <= per_thread <= 32 and not (m <= 1024 and rows > 4):
+        for nw in (1, 2, 4, 8, 16):
+            per_thread = rows * lanes // (32 * nw)
+            if 8 <= per_thread <= 48 and not (m <= 1024 and rows > 4):
                 out.append((rows, nw))
     return out or [(1, 4)]
 
@@ -185,18 +249,19 @@ def prologue_quantize(x, prologue, shift=None, scale=None, rows_per_sample=0, ep
     if has_mult and (mult.device != dev or not mult.is_contiguous() or mult.dim() != 1):
         mult = mult.reshape(-1).to(device=dev).contiguous()
     fmax = FP8_E4M3_MAX if fmt == "fp8" else float(qmax)
-    bk = max(_next_pow2(k), 16)
-    flags = dict(BLOCK_K=bk, PROLOGUE=pcode, HAS_MULT=has_mult, IS_FP8=fmt == "fp8", FP8_SOFT=INTERPRET)
+    bk1, bk2 = pieces(k)
+    flags = dict(BK1=bk1, BK2=bk2, PROLOGUE=pcode, HAS_MULT=has_mult, IS_FP8=fmt == "fp8", FP8_SOFT=INTERPRET)
 
     def launch(c):
         rows, nw = c[:2]
         if len(c) == 3:
             return _gelu_quant_chunked_kernel[(_cdiv(m, rows),)](
-                x2, mult if has_mult else s, q, s, m, k, x2.stride(0), q.stride(0), float(qmax), fmax, ROWS=rows,
+                x2, mult if has_mult else s, q, s, m, k, x2.stride(0), q.stride(0), fmax, ROWS=rows,
                 CK=c[2], PROLOGUE=pcode, HAS_MULT=has_mult, IS_FP8=fmt == "fp8", FP8_SOFT=INTERPRET, num_warps=nw)
         return _prologue_quant_kernel[(_cdiv(m, rows),)](
             x2, sh, sc, mult if has_mult else s, q, s, m, k, x2.stride(0), q.stride(0), rows_per_sample,
-            stride_sh, stride_sc, float(eps), float(qmax), fmax, ROWS=rows, num_warps=nw, **flags)
+            stride_sh, stride_sc, float(eps), fmax, ROWS=rows, ONE_SAMPLE=rows_per_sample % rows == 0, num_warps=nw,
+            **flags)
 
     global last_config
     key = (k, m_bucket(m), x2.dtype, str(dev), pcode, has_mult, fmt, os.environ.get("VIDITQ_TUNE", "1"))

@@ -9,6 +9,10 @@ So neither the GELU output nor the modulated LayerNorm output is written to memo
 (Inductor's own fusion of the same work read rows 2-3 times: bench/NOTES_e2e.md). Only unrotated layers with
 dynamic scales and symmetric int8 / fp8 weights fuse (QuantLinear.fusable); the rest run as before.
 
+VIDITQ_FUSE_PLAIN=1 also gives the attention outputs' projections (attn.proj, cross_attn.proj), which have no
+producer to fuse, our quantize kernel ("none" prologue) instead of the plain path (under torch.compile: Inductor's
+quantize). Off by default until the e2e bench says it pays (bench/NOTES_e2e.md, session 12).
+
 VIDITQ_FUSE=0 turns this off (for A/B measurements and debugging). The numerics differ from the unfused path only
 in not rounding the producer's output to bf16 before quantizing (the fused path is the more exact one).
 """
@@ -20,14 +24,20 @@ import torch.nn as nn
 from .quant_linear import QuantLinear
 
 FUSE_ENV = "VIDITQ_FUSE"
+FUSE_PLAIN_ENV = "VIDITQ_FUSE_PLAIN"
+_PLAIN_INPUTS = ("attn.proj", "cross_attn.proj")  # fed by attention: nothing to fuse in front of the quantize
 _COMFY_PIXART_BLOCK = ("comfy.ldm.pixart.pixartms", "PixArtMSBlock")
 
 
+def _env_flag(name: str, default: str) -> bool:
+    v = os.environ.get(name, "").strip().lower() or default
+    if v not in ("0", "1", "off", "on"):
+        raise ValueError(f"{name} must be 0 or 1, got {v!r}")
+    return v in ("1", "on")
+
+
 def fusion_enabled() -> bool:
-    v = os.environ.get(FUSE_ENV, "1").strip().lower()
-    if v not in ("0", "1", "", "off", "on"):
-        raise ValueError(f"{FUSE_ENV} must be 0 or 1, got {v!r}")
-    return v not in ("0", "off")
+    return _env_flag(FUSE_ENV, "1")
 
 
 def _gelu_kind(mlp: nn.Module) -> Optional[str]:
@@ -89,6 +99,11 @@ def fusion_patches(model: nn.Module, layers: Dict[str, nn.Module]) -> Dict[str, 
             patches[prefix + "mlp.act"] = nn.Identity()
         for name, eps in norm_eps.items():
             patches[name] = layers[name].fused_view(norm_eps=eps)
+        if _env_flag(FUSE_PLAIN_ENV, "0") and _block_inputs(block):
+            for rel in _PLAIN_INPUTS:
+                layer = layers.get(prefix + rel)
+                if isinstance(layer, QuantLinear) and layer.fusable():
+                    patches[prefix + rel] = layer.fused_view(input_act="none")
         if norm_eps and _is_comfy_pixart_block(block):
             patches[prefix + "forward"] = _comfy_pixart_block_forward(block)
     return patches

@@ -56,7 +56,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("static_scale", static_scale)
         self._sim_weight: Optional[torch.Tensor] = None
         # fusions (quant_core/fusions.py): work of the layer's producer that runs inside its quantize kernel
-        self.input_act: Optional[str] = None  # "gelu_tanh" / "gelu": the MLP's GELU (its act module is Identity)
+        self.input_act: Optional[str] = None  # "gelu_tanh" / "gelu": the MLP's GELU (its act module is Identity);
+        # "none": nothing fused, but the quantize runs in the prologue kernel (fusions.py, VIDITQ_FUSE_PLAIN)
         self.norm_eps: Optional[float] = None  # set: the block may arm the LayerNorm + adaLN modulate of x
         self._armed = None  # (shift, scale, rows_per_sample) for the next call only
 

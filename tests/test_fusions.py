@@ -18,7 +18,7 @@ from viditq.kernels import dispatch
 from viditq.models.opensora import load_opensora
 from viditq.models.opensora.tiny import save_tiny_opensora
 from viditq.quant_core import build_quant_layers, fusion_patches, get_preset, install_quant_layers, replace_layers
-from viditq.quant_core.fusions import FUSE_ENV
+from viditq.quant_core.fusions import FUSE_ENV, FUSE_PLAIN_ENV
 
 
 def _pixart_inputs(dtype=torch.float32):
@@ -91,6 +91,28 @@ def test_what_cannot_fuse_is_left_alone(monkeypatch):
     monkeypatch.setenv(FUSE_ENV, "maybe")
     with pytest.raises(ValueError, match=FUSE_ENV):
         fusion_patches(model, sq)
+
+
+def test_plain_inputs_through_the_prologue_kernel(monkeypatch):
+    """VIDITQ_FUSE_PLAIN=1: the attention projections quantize in the prologue kernel ("none"): same numbers."""
+    model = tiny_pixart(depth=2)
+    args = _pixart_inputs()
+    layers, _ = build_quant_layers(model, get_preset("w8a8-smoothquant"))
+    with torch.no_grad():
+        old = install_quant_layers(model, layers)
+        fused = model(*args)
+        replace_layers(model, old)
+        monkeypatch.setenv(FUSE_PLAIN_ENV, "1")
+        patches = fusion_patches(model, layers)
+        assert {n for n, p in patches.items() if getattr(p, "input_act", None) == "none"} == {
+            f"blocks.{i}.{r}" for i in range(2) for r in ("attn.proj", "cross_attn.proj")}
+        old = install_quant_layers(model, layers)
+        plain = model(*args)
+        replace_layers(model, old)
+    assert _rel(plain, fused) < 1e-3, _rel(plain, fused)
+    monkeypatch.setenv(FUSE_PLAIN_ENV, "yes")
+    with pytest.raises(ValueError, match=FUSE_PLAIN_ENV):
+        fusion_patches(model, layers)
 
 
 def test_simulated_and_reference_paths_agree():

@@ -188,7 +188,8 @@ def pieces(k: int):
 
 
 def candidates(k: int, m: int, pcode: int = 3):
-    """(rows per program, num_warps[, chunk]): whole rows per program with about 8-48 fp32 values per thread; for
+    """(rows per program, num_warps[, chunk]): whole rows per program with about 8-48 fp32 values per thread (up to
+    144 for one row per program: a row on one warp reduces with shuffles alone, which won at K = 1152); for
     the GELU prologue at K >= 2048 also the two-pass chunked kernel (chunk of CK channels)."""
     lanes = sum(pieces(k))
     if INTERPRET:
@@ -199,7 +200,7 @@ def candidates(k: int, m: int, pcode: int = 3):
     for rows in (1, 2, 4, 8, 16):
         for nw in (1, 2, 4, 8, 16):
             per_thread = rows * lanes // (32 * nw)
-            if 8 <= per_thread <= 48 and not (m <= 1024 and rows > 4):
+            if 8 <= per_thread <= (144 if rows == 1 else 48) and not (m <= 1024 and rows > 4):
                 out.append((rows, nw))
     return out or [(1, 4)]
 

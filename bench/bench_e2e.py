@@ -201,8 +201,11 @@ def merge_runs(paths):
     global RESULT, GPU, GPU_TAG
     runs = [json.loads(pathlib.Path(p).read_text()) for p in paths]
     base = dict(runs[0])
-    base["runs"] = [{"file": pathlib.Path(p).name, "command": r["command"], "elapsed_s": r.get("elapsed_s"),
-                     "tag": (r["rows"][0].get("run") if r["rows"] else None)} for p, r in zip(paths, runs)]
+    base["runs"] = []
+    for p, r in zip(paths, runs):  # an already merged file brings its own list of runs
+        base["runs"] += r.get("runs") or [{"file": pathlib.Path(p).name, "command": r["command"],
+                                           "elapsed_s": r.get("elapsed_s"),
+                                           "tag": (r["rows"][0].get("run") if r["rows"] else None)}]
     base["command"] = " ; ".join(r["command"] for r in runs)
     base["rows"] = []
     measured = {(y["variant"], y["resolution"]) for r in runs for y in r["rows"] if y.get("ms_per_step")}

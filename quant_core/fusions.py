@@ -9,9 +9,10 @@ So neither the GELU output nor the modulated LayerNorm output is written to memo
 (Inductor's own fusion of the same work read rows 2-3 times: bench/NOTES_e2e.md). Only unrotated layers with
 dynamic scales and symmetric int8 / fp8 weights fuse (QuantLinear.fusable); the rest run as before.
 
-VIDITQ_FUSE_PLAIN=1 also gives the attention outputs' projections (attn.proj, cross_attn.proj), which have no
-producer to fuse, our quantize kernel ("none" prologue) instead of the plain path (under torch.compile: Inductor's
-quantize). Off by default until the e2e bench says it pays (bench/NOTES_e2e.md, session 12).
+The attention outputs' projections (attn.proj, cross_attn.proj) have no producer to fuse, but under torch.compile
+their quantize also runs in our kernel ("none" prologue, 1.1x its byte floor against Inductor's 2.6-4.5x; the
+PixArt step: 7.10 -> 6.59 ms at 512 px, bench/NOTES_e2e.md session 12). In eager they keep the plain path, whose
+cached launch plan costs less host time. VIDITQ_FUSE_PLAIN=0 leaves them plain under compile too.
 
 VIDITQ_FUSE=0 turns this off (for A/B measurements and debugging). The numerics differ from the unfused path only
 in not rounding the producer's output to bf16 before quantizing (the fused path is the more exact one).
@@ -99,7 +100,7 @@ def fusion_patches(model: nn.Module, layers: Dict[str, nn.Module]) -> Dict[str, 
             patches[prefix + "mlp.act"] = nn.Identity()
         for name, eps in norm_eps.items():
             patches[name] = layers[name].fused_view(norm_eps=eps)
-        if _env_flag(FUSE_PLAIN_ENV, "0") and _block_inputs(block):
+        if _env_flag(FUSE_PLAIN_ENV, "1") and _block_inputs(block):
             for rel in _PLAIN_INPUTS:
                 layer = layers.get(prefix + rel)
                 if isinstance(layer, QuantLinear) and layer.fusable():

@@ -57,7 +57,7 @@ class QuantLinear(nn.Module):
         self._sim_weight: Optional[torch.Tensor] = None
         # fusions (quant_core/fusions.py): work of the layer's producer that runs inside its quantize kernel
         self.input_act: Optional[str] = None  # "gelu_tanh" / "gelu": the MLP's GELU (its act module is Identity);
-        # "none": nothing fused, but the quantize runs in the prologue kernel (fusions.py, VIDITQ_FUSE_PLAIN)
+        # "none": nothing fused; under torch.compile the quantize runs in the prologue kernel (fusions.py)
         self.norm_eps: Optional[float] = None  # set: the block may arm the LayerNorm + adaLN modulate of x
         self._armed = None  # (shift, scale, rows_per_sample) for the next call only
 
@@ -131,6 +131,8 @@ class QuantLinear(nn.Module):
         if armed is not None:  # one call only (Dynamo traces this as a module side effect, graph-break free)
             self._armed = None
         prologue = "norm_modulate" if armed is not None else self.input_act
+        if prologue == "none" and not torch.compiler.is_compiling():
+            prologue = None  # eager: the plain path's cached launch plan costs less host time per call
         if prologue is not None:
             return self._forward_fused(x, prologue, *(armed or (None, None, 0)))
         return self._forward_plain(x)

@@ -23,6 +23,8 @@ Variants (all in one process, same inputs):
   w8a8_sq_fused / _fcompile / w8a8_fp8_norot_fcompile  with quant_core/fusions.py (GELU, LayerNorm+modulate
                         inside our quantize kernel), eager / compiled
   w8a8_sq_fpcompile     w8a8_sq_fcompile + the attention projections' quantize in that kernel (VIDITQ_FUSE_PLAIN=1)
+  w8a8_sq_frcompile     + the gated residual adds in the GEMM epilogues: every fusion, the default (also for fp8
+                        without rotation: w8a8_fp8_norot_frcompile)
   fp16_strided          fp16 with the channel-strided residual stream ComfyUI's own PixArt keeps
   torchao_int8          torchao Int8DynamicActivationInt8WeightConfig (eager), same linears
   torchao_int8_compile  the same, blocks compiled (torch.compile)
@@ -59,10 +61,11 @@ T_START = time.time()
 ALL_VARIANTS = ["fp16", "fp16_attn_fp8", "w8a8_int8", "w8a8_fp8", "w8a8_fp8_attn", "torchao_int8", "torchao_fp8",
                 "comfy_fp8_fast_equiv", "w4a8_plan", "w8a8_fp8_norot", "fp16_compile", "w8a8_fp8_compile",
                 "w8a8_fp8_norot_compile", "w8a8_sq_compile", "w8a8_sq_kcompile", "w8a8_full", "torchao_int8_compile",
-                "w8a8_sq_fused", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile", "fp16_strided", "w8a8_sq_fpcompile"]
+                "w8a8_sq_fused", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile", "fp16_strided", "w8a8_sq_fpcompile",
+                "w8a8_sq_frcompile", "w8a8_fp8_norot_frcompile"]
 COMPILED = {"w8a8_full", "torchao_int8_compile", "fp16_compile", "w8a8_fp8_compile", "w8a8_fp8_norot_compile",
             "w8a8_sq_compile", "w8a8_sq_kcompile", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile",
-            "w8a8_sq_fpcompile"}
+            "w8a8_sq_fpcompile", "w8a8_sq_frcompile", "w8a8_fp8_norot_frcompile"}
 # our variants: (preset, config changes, quantized attention, compiled, activation quantize under compile)
 OURS = {"w8a8_int8": ("w8a8", {}, None, False, None), "w8a8_fp8": ("w8a8-fp8", {}, None, False, None),
         "w8a8_fp8_attn": ("w8a8-fp8", {}, "fp8", False, None), "w4a8_plan": ("w4a8", {}, None, False, None),
@@ -78,9 +81,16 @@ OURS = {"w8a8_int8": ("w8a8", {}, None, False, None), "w8a8_fp8": ("w8a8-fp8", {
         "w8a8_sq_fcompile": ("w8a8-smoothquant", {}, None, True, "torch"),
         "w8a8_fp8_norot_fcompile": ("w8a8-fp8", {"rotate": False}, None, True, "torch"),
         # and the attention projections' quantize in our prologue kernel too (VIDITQ_FUSE_PLAIN=1)
-        "w8a8_sq_fpcompile": ("w8a8-smoothquant", {}, None, True, "torch")}
-FUSED = {"w8a8_sq_fused", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile", "w8a8_sq_fpcompile"}
-FUSE_PLAIN = {"w8a8_sq_fpcompile"}
+        "w8a8_sq_fpcompile": ("w8a8-smoothquant", {}, None, True, "torch"),
+        # and the gated residual adds in the GEMM epilogues (every fusion: the default since session 12)
+        "w8a8_sq_frcompile": ("w8a8-smoothquant", {}, None, True, "torch"),
+        "w8a8_fp8_norot_frcompile": ("w8a8-fp8", {"rotate": False}, None, True, "torch")}
+FUSED = {"w8a8_sq_fused", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile", "w8a8_sq_fpcompile", "w8a8_sq_frcompile",
+         "w8a8_fp8_norot_frcompile"}
+# the fusion switches each fused variant installs with (the names keep what they measured when they were added)
+FUSE_SWITCHES = {"w8a8_sq_fcompile": {"VIDITQ_FUSE_PLAIN": "0", "VIDITQ_FUSE_RESIDUAL": "0"},
+                 "w8a8_fp8_norot_fcompile": {"VIDITQ_FUSE_PLAIN": "0", "VIDITQ_FUSE_RESIDUAL": "0"},
+                 "w8a8_sq_fpcompile": {"VIDITQ_FUSE_PLAIN": "1", "VIDITQ_FUSE_RESIDUAL": "0"}}
 
 
 def _parse():
@@ -900,16 +910,19 @@ def main():
                 cfg = dataclasses.replace(get_preset(preset), **changes)
                 plan = plan_mlp8(model) if v == "w4a8_plan" else None
                 layers, summary = build_quant_layers(model, cfg, None, plan, "auto")
-                os.environ["VIDITQ_FUSE_PLAIN"] = "1" if v in FUSE_PLAIN else "0"
+                switches = FUSE_SWITCHES.get(v, {})
+                os.environ.update(switches)
                 try:
                     old = (install_quant_layers if v in FUSED else replace_layers)(model, layers)
                 finally:
-                    os.environ.pop("VIDITQ_FUSE_PLAIN", None)
+                    for key in switches:
+                        os.environ.pop(key, None)
                 mods = [q for q in model.modules() if hasattr(q, "input_act")]
                 extra = {"preset": preset, "calibrated": False, "quantized_linears": len(layers),
                          "fused_producers": sum(1 for q in mods if q.input_act not in (None, "none")
                                                 or q.norm_eps is not None),
-                         "plain_in_prologue_kernel": sum(1 for q in mods if q.input_act == "none")}
+                         "plain_in_prologue_kernel": sum(1 for q in mods if q.input_act == "none"),
+                         "residual_in_epilogue": sum(1 for q in mods if getattr(q, "fuse_residual", False))}
                 if changes:
                     extra["config_changes"] = changes
                 if attn:
@@ -952,7 +965,8 @@ def main():
             if v == "fp16" and not ARGS.no_profile and 1024 in RESOLUTIONS:
                 profiles["fp16"] = profile_step("fp16", target, 1024)
             if v in ("w8a8_fp8_attn", "w8a8_full", "w8a8_fp8_compile", "w8a8_fp8_norot_compile", "w8a8_sq_compile",
-                     "fp16_compile", "w8a8_sq_fcompile", "w8a8_sq_fpcompile") and not ARGS.no_profile and 1024 in RESOLUTIONS \
+                     "fp16_compile", "w8a8_sq_fcompile", "w8a8_sq_fpcompile", "w8a8_sq_frcompile") \
+                    and not ARGS.no_profile and 1024 in RESOLUTIONS \
                     and elapsed() < ARGS.budget_s:
                 try:
                     profiles[v] = profile_step(v, target, 1024)

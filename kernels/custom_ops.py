@@ -116,19 +116,21 @@ def _quantized_attention_fake(q, k, v, mode, backend):
 # ---- viditq::quantized_matmul (the GEMM alone, for activations quantized by compiled torch code) -----------------
 def _quantized_matmul(q: torch.Tensor, scale: torch.Tensor, qsum: Optional[torch.Tensor], w_data: torch.Tensor,
                       w_scale: torch.Tensor, w_zero: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                      w_fmt: str, in_features: int, group_size: int, out_dtype: torch.dtype, backend: str
-                      ) -> torch.Tensor:
-    """[M, N] = dequant(q, scale) @ dequant(W)^T + bias in out_dtype (W as in quant_linear)."""
+                      w_fmt: str, in_features: int, group_size: int, out_dtype: torch.dtype, backend: str,
+                      residual: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None,
+                      res_rows: int = 0) -> torch.Tensor:
+    """[M, N] = dequant(q, scale) @ dequant(W)^T + bias in out_dtype (W as in quant_linear); with residual [M, N]:
+    residual + gate_b * that (gate [B', N], b = row // res_rows), the block's gated residual add."""
     from . import dispatch
 
     w = QuantizedWeight(data=w_data, scale=w_scale, zero=w_zero, fmt=w_fmt, in_features=in_features,
                         group_size=group_size)
     return dispatch.quantized_matmul_impl(QuantizedActivation(q=q, scale=scale, qsum=qsum), w, bias, out_dtype,
-                                          backend).contiguous()
+                                          backend, residual, gate, res_rows).contiguous()
 
 
 def _quantized_matmul_fake(q, scale, qsum, w_data, w_scale, w_zero, bias, w_fmt, in_features, group_size, out_dtype,
-                           backend):
+                           backend, residual=None, gate=None, res_rows=0):
     return q.new_empty((q.shape[0], w_data.shape[0]), dtype=out_dtype)
 
 

@@ -102,13 +102,16 @@ def _native_fp8(device_index: int) -> bool:
 
 
 def quantized_matmul_impl(a: QuantizedActivation, w: QuantizedWeight, bias: Optional[torch.Tensor],
-                          out_dtype: torch.dtype, backend: Optional[str] = "auto") -> torch.Tensor:
-    """GEMM + dequant epilogue on already quantized activations: Triton where it runs, the reference elsewhere."""
+                          out_dtype: torch.dtype, backend: Optional[str] = "auto",
+                          residual: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None,
+                          res_rows: int = 0) -> torch.Tensor:
+    """GEMM + dequant epilogue on already quantized activations: Triton where it runs, the reference elsewhere;
+    with `residual` [M, N] the block's gated residual add too (reference.quantized_matmul)."""
     if resolve_backend(backend, a.q.device) == "triton":
         from . import triton_ops
 
-        return triton_ops.quantized_matmul(a, w, bias, out_dtype)
-    return reference.quantized_matmul(a, w, bias, out_dtype)
+        return triton_ops.quantized_matmul(a, w, bias, out_dtype, residual, gate, res_rows)
+    return reference.quantized_matmul(a, w, bias, out_dtype, residual, gate, res_rows)
 
 
 def quant_linear_impl(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor],
@@ -142,20 +145,32 @@ def quantize_activation(x, mult=None, had_block=0, fmt="int8", qmax=127, static_
 def prologue_quant_linear(x: torch.Tensor, prologue: str, shift: Optional[torch.Tensor],
                           scale: Optional[torch.Tensor], rows_per_sample: int, eps: float, w: QuantizedWeight,
                           bias: Optional[torch.Tensor], mult: Optional[torch.Tensor] = None, act_fmt: str = "int8",
-                          act_qmax: int = 127, backend: Optional[str] = "auto") -> torch.Tensor:
+                          act_qmax: int = 127, backend: Optional[str] = "auto",
+                          residual: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None,
+                          res_rows: int = 0) -> torch.Tensor:
     """quant_linear with the producer's elementwise work fused into the quantize (reference.apply_prologue: GELU,
     or LayerNorm + adaLN modulate): y = quantize(prologue(x) * mult) @ W^T + bias. For unrotated layers with
-    dynamic scales and symmetric int8 / fp8 weights (quant_core/fusions.py picks them)."""
+    dynamic scales and symmetric int8 / fp8 weights (quant_core/fusions.py picks them). With `residual` (the
+    block's residual stream, [..., N] as y) the consumer's gated residual add too: residual + gate_b * y, gate
+    [B', 1, N] / [B', N] per sample of res_rows rows."""
+    n = w.out_features
+    res2 = gate2 = None
+    if residual is not None:
+        res2 = residual.reshape(-1, n)
+        res2 = res2 if res2.stride(-1) == 1 else res2.contiguous()
+        if gate is not None:
+            gate2 = gate.reshape(-1, n)
+            gate2 = gate2 if gate2.stride(-1) == 1 else gate2.contiguous()
     if torch.compiler.is_compiling():
         q, s = custom_ops.prologue_quantize(x, prologue, shift, scale, rows_per_sample, eps, mult, act_fmt,
                                             act_qmax, backend or "auto")
         y = custom_ops.quantized_matmul(q, s, None, w.data, w.scale, w.zero, bias, w.fmt, w.in_features,
-                                        w.group_size, x.dtype, backend or "auto")
+                                        w.group_size, x.dtype, backend or "auto", res2, gate2, int(res_rows))
     else:
         a = prologue_quantize_impl(x, prologue, shift, scale, rows_per_sample, eps, mult, act_fmt, act_qmax,
                                    backend)
-        y = quantized_matmul_impl(a, w, bias, x.dtype, backend)
-    return y.reshape(*x.shape[:-1], w.out_features)
+        y = quantized_matmul_impl(a, w, bias, x.dtype, backend, res2, gate2, int(res_rows))
+    return y.reshape(*x.shape[:-1], n)
 
 
 def prologue_quantize_impl(x, prologue, shift=None, scale=None, rows_per_sample=0, eps=1e-6, mult=None,

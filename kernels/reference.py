@@ -125,11 +125,31 @@ def quantized_matmul(
     w: QuantizedWeight,
     bias: Optional[torch.Tensor],
     out_dtype: torch.dtype,
+    residual: Optional[torch.Tensor] = None,
+    gate: Optional[torch.Tensor] = None,
+    res_rows: int = 0,
 ) -> torch.Tensor:
-    """out[M, N] = dequant(a) @ dequant(w).T + bias, cast to out_dtype (the GEMM + epilogue oracle)."""
+    """out[M, N] = dequant(a) @ dequant(w).T + bias, cast to out_dtype (the GEMM + epilogue oracle); with `residual`
+    [M, N]: residual + gate_b * out, b = row // res_rows (gate [B', N], B' = 1: one row for all; None: 1), in fp32
+    before the one cast (the block's gated residual add, fused)."""
     out = dequantize_activation(a) @ dequantize_weight(w).t()
     if bias is not None:
         out = out + bias.float()
+    return residual_add(out, out_dtype, residual, gate, res_rows)
+
+
+def residual_add(out: torch.Tensor, out_dtype: torch.dtype, residual: Optional[torch.Tensor] = None,
+                 gate: Optional[torch.Tensor] = None, res_rows: int = 0) -> torch.Tensor:
+    """(residual + gate_b * out) in fp32 (fp64 for a float64 oracle), cast to out_dtype; out itself (cast) without
+    a residual."""
+    dt = torch.float64 if out_dtype == torch.float64 else torch.float32
+    out = out.to(dt)
+    if residual is not None:
+        if gate is not None:
+            g = gate.to(dt).reshape(-1, out.shape[-1])
+            rows = torch.arange(out.shape[0], device=out.device) // max(int(res_rows), 1)
+            out = out * (g[rows] if g.shape[0] > 1 else g)
+        out = out + residual.to(dt).reshape(out.shape)
     return out.to(out_dtype)
 
 

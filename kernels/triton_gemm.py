@@ -132,18 +132,37 @@ def _epilogue_values(acc_f, offs_m, offs_n, M, N, AS, WS, WZ, QS, BIAS, stride_q
 
 
 @triton.jit
+def _residual(out, offs_m, offs_n, M, N, RES, GATE, stride_rm, stride_gb, res_rows,
+              HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr):
+    """res + gate_b * out (the block's gated residual add, b = row // res_rows the row's sample), in fp32."""
+    if HAS_RES:
+        m2 = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        if HAS_GATE:
+            b = (offs_m // res_rows).to(tl.int64)
+            out = out * tl.load(GATE + b[:, None] * stride_gb + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
+        out = out + tl.load(RES + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :], mask=m2,
+                            other=0.0).to(tl.float32)
+    return out
+
+
+@triton.jit
 def _epilogue(acc_f, offs_m, offs_n, M, N, C, stride_cm, AS, WS, WZ, QS, BIAS, stride_qs,
-              GROUP_K: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr):
+              RES, GATE, stride_rm, stride_gb, res_rows,
+              GROUP_K: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+              HAS_GATE: tl.constexpr):
     out = _epilogue_values(acc_f, offs_m, offs_n, M, N, AS, WS, WZ, QS, BIAS, stride_qs, GROUP_K, HAS_ZERO, HAS_BIAS)
+    out = _residual(out, offs_m, offs_n, M, N, RES, GATE, stride_rm, stride_gb, res_rows, HAS_RES, HAS_GATE)
     tl.store(C + offs_m[:, None] * stride_cm + offs_n[None, :], out.to(C.dtype.element_ty),
              mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
 @triton.jit
 def _qgemm_kernel(A, B, C, AS, WS, WZ, QS, BIAS, M, N, K, stride_am, stride_bn, stride_cm, stride_ws, stride_qs,
+                  RES, GATE, stride_rm, stride_gb, res_rows,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                   W_INT4: tl.constexpr, IS_FP8: tl.constexpr, GROUP_K: tl.constexpr, HAS_ZERO: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, MAGIC: tl.constexpr, A_PERM: tl.constexpr = False):
+                  HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, MAGIC: tl.constexpr, A_PERM: tl.constexpr = False,
+                  HAS_RES: tl.constexpr = False, HAS_GATE: tl.constexpr = False):
     # A_PERM (int4 weights, K % BLOCK_K == 0): the activation codes are parity-split (even channels in the first
     # half of each row, odd in the second), so the two nibbles of each weight byte meet their activations with
     # two plain dot products and no interleaving shuffle.
@@ -202,15 +221,16 @@ def _qgemm_kernel(A, B, C, AS, WS, WZ, QS, BIAS, M, N, K, stride_am, stride_bn, 
             acc_f = _fold_group(acc_f, acc, g, offs_m, offs_n, M, N, WS, WZ, QS, stride_ws, stride_qs,
                                 HAS_ZERO, MAGIC)
     _epilogue(acc_f, offs_m, offs_n, M, N, C, stride_cm, AS, WS, WZ, QS, BIAS, stride_qs,
-              GROUP_K, HAS_ZERO, HAS_BIAS)
+              RES, GATE, stride_rm, stride_gb, res_rows, GROUP_K, HAS_ZERO, HAS_BIAS, HAS_RES, HAS_GATE)
 
 
 @triton.jit
 def _qgemm_tma_kernel(a_desc, b_desc, C, AS, WS, WZ, QS, BIAS, M, N, K, stride_cm, stride_ws, stride_qs,
-                      NUM_PROGS,
+                      NUM_PROGS, RES, GATE, stride_rm, stride_gb, res_rows,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                       W_INT4: tl.constexpr, IS_FP8: tl.constexpr, GROUP_K: tl.constexpr, HAS_ZERO: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, MAGIC: tl.constexpr, EPI_TMA: tl.constexpr, A_PERM: tl.constexpr = False):
+                      HAS_BIAS: tl.constexpr, MAGIC: tl.constexpr, EPI_TMA: tl.constexpr, A_PERM: tl.constexpr = False,
+                      HAS_RES: tl.constexpr = False, HAS_GATE: tl.constexpr = False):
     start = tl.program_id(0)
     KB: tl.constexpr = BLOCK_K // 2 if W_INT4 else BLOCK_K
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
@@ -267,6 +287,7 @@ def _qgemm_tma_kernel(a_desc, b_desc, C, AS, WS, WZ, QS, BIAS, M, N, K, stride_c
                 out = _epilogue_values(acc_f, offs_m, offs_n, M, N, AS, WS, WZ, QS, BIAS, stride_qs,
                                        GROUP_K, HAS_ZERO, HAS_BIAS)
                 acc_f = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            out = _residual(out, offs_m, offs_n, M, N, RES, GATE, stride_rm, stride_gb, res_rows, HAS_RES, HAS_GATE)
             if EPI_TMA:  # C is a tensor descriptor: one bulk asynchronous store, clipped at the edges
                 C.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out.to(C.dtype))
             else:
@@ -571,6 +592,23 @@ def supported(a_fmt: str, w) -> bool:
     return False
 
 
+def check_residual(residual, gate, res_rows, m, n):
+    if tuple(residual.shape) != (m, n):
+        raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of {m} x {n}")
+    if gate is not None and (gate.dim() != 2 or gate.shape[1] != n or res_rows <= 0 or m % res_rows
+                             or gate.shape[0] not in (1, m // res_rows)):
+        raise ValueError(f"gate of shape {tuple(gate.shape)} is not one row of {n} per sample of {res_rows} rows "
+                         f"({m} rows)")
+
+
+def _residual_args(c, res, gate, res_rows):
+    """(RES, GATE, stride_rm, stride_gb, res_rows) kernel arguments; c stands in for what is absent (never read)."""
+    if res is None:
+        return c, c, 0, 0, 1
+    stride_gb = gate.stride(0) if gate is not None and gate.shape[0] > 1 else 0  # one gate row: all samples
+    return res, (gate if gate is not None else c), res.stride(0), stride_gb, max(int(res_rows), 1)
+
+
 @functools.lru_cache(maxsize=512)
 def launcher(cfg, n, k, group_k, has_zero, has_bias, magic, u4, perm_mode, device_str, flag_items):
     """The launch of GEMM candidate `cfg` with everything that is not a tensor bound once:
@@ -610,11 +648,12 @@ def launcher(cfg, n, k, group_k, has_zero, has_bias, magic, u4, perm_mode, devic
         kw = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, EVEN_K=k % bk == 0, num_stages=st, num_warps=nw,
                   **flags)
 
-        def fn(q, a_scale, a_qsum, wd, ws, wz, bias_t, c, m):
+        def fn(q, a_scale, a_qsum, wd, ws, wz, bias_t, c, m, res=None, gate=None, res_rows=1):
             qs, stride_qs = (a_qsum, a_qsum.stride(0)) if use_qsum else (a_scale, 0)
             grid = (_cdiv(m, bm) * _cdiv(n, bn),)
             return _qgemm_kernel[grid](q, wd, c, a_scale, ws, wz, qs, bias_t, m, n, k, q.stride(0), wd.stride(0),
-                                       c.stride(0), ws.stride(0) if group_k else 0, stride_qs, **kw)
+                                       c.stride(0), ws.stride(0) if group_k else 0, stride_qs,
+                                       *_residual_args(c, res, gate, res_rows), **kw)
         return fn
     kb = bk // 2 if w_int4 else bk
     a_kb = kb if perm_mode == 1 else bk
@@ -622,19 +661,25 @@ def launcher(cfg, n, k, group_k, has_zero, has_bias, magic, u4, perm_mode, devic
     per_sm = 2 if kind.endswith("2") else 1
     kw = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, EPI_TMA=epi_tma, num_stages=st, num_warps=nw, **flags)
 
-    def fn(q, a_scale, a_qsum, wd, ws, wz, bias_t, c, m):
+    def fn(q, a_scale, a_qsum, wd, ws, wz, bias_t, c, m, res=None, gate=None, res_rows=1):
         qs, stride_qs = (a_qsum, a_qsum.stride(0)) if use_qsum else (a_scale, 0)
         a_desc = TensorDescriptor(q, [m, k], [q.stride(0), 1], [bm, a_kb])
         b_desc = TensorDescriptor(wd, [n, wd.shape[1]], [wd.stride(0), 1], [bn, kb])
         c_arg = TensorDescriptor(c, [m, n], [c.stride(0), 1], [bm, bn]) if epi_tma else c
         progs = min(nsm * per_sm, _cdiv(m, bm) * _cdiv(n, bn))
         return _qgemm_tma_kernel[(progs,)](a_desc, b_desc, c_arg, a_scale, ws, wz, qs, bias_t, m, n, k,
-                                           c.stride(0), ws.stride(0) if group_k else 0, stride_qs, progs, **kw)
+                                           c.stride(0), ws.stride(0) if group_k else 0, stride_qs, progs,
+                                           *_residual_args(c, res, gate, res_rows), **kw)
     return fn
 
 
-def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False, return_launch=False):
-    """Triton twin of reference.quantized_matmul(a, w, bias, out_dtype); None when no kernel fits.
+def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False, return_launch=False, residual=None, gate=None,
+                     res_rows=0):
+    """Triton twin of reference.quantized_matmul(a, w, bias, out_dtype, residual, gate, res_rows); None when no
+    kernel fits.
+
+    residual [M, N] (unit channel stride), gate [B', N] (one row per sample of res_rows rows; B' = 1: one for all):
+    the block's gated residual add in the epilogue, out = residual + gate * (GEMM + bias), int8 / fp8 weights only.
 
     a_perm: int4 only; the layout `a.q` holds the codes in (triton_act_quant.quantize_activation(perm=...)):
     True / "parity" (parity-split halves) or "perm32" (16 even then 16 odd channels per 32; one dot per K step).
@@ -646,6 +691,9 @@ def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False, return_launc
     perm_mode = {False: 0, None: 0, 0: 0, True: 1, 1: 1, "parity": 1, 2: 2, "perm32": 2}[a_perm]
     if not supported(a_fmt, w):
         return None
+    if residual is not None and (w.fmt == "int4" or perm_mode or return_launch or residual.stride(-1) != 1
+                                 or (gate is not None and gate.stride(-1) != 1)):
+        return None  # the swapped W4A8 kernels and launch plans carry no residual
     q = a.q if a.q.stride(-1) == 1 else a.q.contiguous()
     m, k = q.shape
     n = w.out_features
@@ -660,6 +708,8 @@ def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False, return_launc
     if perm_mode and (w.fmt != "int4" or k % (32 if perm_mode == 1 else 64)):
         return None
     dev = q.device
+    if residual is not None:
+        check_residual(residual, gate, res_rows, m, n)
     c = out if out is not None else torch.empty((m, n), device=dev, dtype=out_dtype)
     if m == 0 or n == 0:
         return (c, None) if return_launch else c
@@ -676,13 +726,15 @@ def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False, return_launc
     bound = 127 * (8 if w_int4 else 128) * max(group_k, 1)
     magic = bool(group_k) and bound < (1 << 22)
     flags = dict(W_INT4=w_int4, IS_FP8=is_fp8, GROUP_K=group_k, HAS_ZERO=has_zero, HAS_BIAS=bias is not None,
-                 MAGIC=magic, A_PERM=perm_mode == 1)
+                 MAGIC=magic, A_PERM=perm_mode == 1, HAS_RES=residual is not None, HAS_GATE=gate is not None)
     tma = tma_ok(dev) and q.data_ptr() % 16 == 0 and wd.data_ptr() % 16 == 0 and k % 16 == 0 and \
         (wd.shape[1] * wd.element_size()) % 16 == 0
     tma_store = tma and c.data_ptr() % 16 == 0 and (c.stride(0) * c.element_size()) % 16 == 0 and c.stride(1) == 1
     setup = (n, k, group_k, has_zero, bias is not None, magic, u4, perm_mode, str(dev), tuple(flags.items()))
 
     def launch(cfg):
+        if residual is not None:
+            return launcher(cfg, *setup)(q, a.scale, a.qsum, wd, ws, wz, bias_t, c, m, residual, gate, res_rows)
         return launcher(cfg, *setup)(q, a.scale, a.qsum, wd, ws, wz, bias_t, c, m)
 
     key = (m_bucket(m), n, k, str(dev), out_dtype, bias_t.dtype, tma, tma_store, os.environ.get(_KINDS_ENV, ""),

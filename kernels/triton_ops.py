@@ -267,9 +267,15 @@ def _w4_layout(x2, w, k, run_with):
     return _w4_layouts[key]
 
 
-def quantized_matmul(a, w, bias, out_dtype):
-    """GEMM + epilogue alone on an already quantized activation (reference where no kernel fits)."""
+def quantized_matmul(a, w, bias, out_dtype, residual=None, gate=None, res_rows=0):
+    """GEMM + epilogue alone on an already quantized activation (reference where no kernel fits); with `residual`,
+    the gated residual add in the epilogue (reference.quantized_matmul)."""
+    res = (residual, gate, res_rows)
     if a.q.dtype == torch.float8_e4m3fn and not fp8_ok(a.q.device):
-        return reference.quantized_matmul(a, w, bias, out_dtype)
-    y = _gemm.quantized_matmul(a, w, bias, out_dtype)
-    return y if y is not None else reference.quantized_matmul(a, w, bias, out_dtype)
+        return reference.quantized_matmul(a, w, bias, out_dtype, *res)
+    y = _gemm.quantized_matmul(a, w, bias, out_dtype, residual=residual, gate=gate, res_rows=res_rows)
+    if y is None and residual is not None:  # no residual epilogue for this weight format: GEMM, then the add
+        y = _gemm.quantized_matmul(a, w, bias, torch.float32)
+        if y is not None:
+            return reference.residual_add(y, out_dtype, *res)
+    return y if y is not None else reference.quantized_matmul(a, w, bias, out_dtype, *res)

@@ -1,4 +1,5 @@
-"""The one hook our blocks give the fusions of quant_core/fusions.py: the modulated LayerNorm input of a linear."""
+"""The hooks our blocks give the fusions of quant_core/fusions.py: the modulated LayerNorm input of a linear, and
+the gated residual add after one."""
 import torch
 import torch.nn as nn
 
@@ -26,3 +27,18 @@ def modulated_input(layer: nn.Module, norm: nn.Module, x: torch.Tensor, shift: t
         layer.arm_norm_modulate(shift, scale, x.shape[1])
         return x
     return norm(x) * (1 + scale) + shift
+
+
+def gated_residual(layer: nn.Module, x: torch.Tensor, gate, run, *args) -> torch.Tensor:
+    """x + gate * run(*args) (gate None: x + run(*args)), with run's output given x's shape; `layer` is the last
+    op of run (an attention's proj, the MLP's fc2), and nothing after it may change values (Dropout at inference
+    and reshapes are fine).
+
+    A quantized layer that fuses the add into its GEMM epilogue (QuantLinear with `fuse_residual`, set by fusions.py)
+    is armed with x and gate and returns the sum itself: the layer's output is never written on its own, and no
+    separate elementwise kernel reads it back."""
+    if getattr(layer, "fuse_residual", False):
+        layer.arm_residual(x, gate, x.shape[1])
+        return run(*args).reshape(x.shape)
+    y = run(*args).reshape(x.shape)
+    return x + y if gate is None else x + gate * y

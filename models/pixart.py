@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import fused_input
-from .fused_input import modulated_input
+from .fused_input import gated_residual, modulated_input
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -108,6 +108,8 @@ class CrossAttention(nn.Module):
 class PixArtBlock(nn.Module):
     # (layer, its LayerNorm): inputs the forward builds with modulated_input (quant_core/fusions.py may fuse them)
     fused_inputs = (("attn.qkv", "norm1"), ("mlp.fc1", "norm2"))
+    # layers whose gated residual add the forward routes through gated_residual (fusions.py may fuse it)
+    fused_residuals = ("attn.proj", "cross_attn.proj", "mlp.fc2")
 
     def __init__(self, hidden: int, heads: int, mlp_ratio: float = 4.0):
         super().__init__()
@@ -124,9 +126,11 @@ class PixArtBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.scale_shift_table[None].to(x.dtype) + t.reshape(b, 6, -1)
         ).chunk(6, dim=1)
-        x = x + gate_msa * self.attn(modulated_input(self.attn.qkv, self.norm1, x, shift_msa, scale_msa))
-        x = x + self.cross_attn(x, y)
-        return x + gate_mlp * self.mlp(modulated_input(self.mlp.fc1, self.norm2, x, shift_mlp, scale_mlp))
+        x = gated_residual(self.attn.proj, x, gate_msa, self.attn,
+                           modulated_input(self.attn.qkv, self.norm1, x, shift_msa, scale_msa))
+        x = gated_residual(self.cross_attn.proj, x, None, self.cross_attn, x, y)
+        return gated_residual(self.mlp.fc2, x, gate_mlp, self.mlp,
+                              modulated_input(self.mlp.fc1, self.norm2, x, shift_mlp, scale_mlp))
 
 
 class FinalLayer(nn.Module):

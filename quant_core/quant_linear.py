@@ -60,6 +60,9 @@ class QuantLinear(nn.Module):
         # "none": nothing fused; under torch.compile the quantize runs in the prologue kernel (fusions.py)
         self.norm_eps: Optional[float] = None  # set: the block may arm the LayerNorm + adaLN modulate of x
         self._armed = None  # (shift, scale, rows_per_sample) for the next call only
+        # the consumer's gated residual add x + gate * y in the GEMM epilogue (models/fused_input.gated_residual)
+        self.fuse_residual = False
+        self._armed_res = None  # (residual, gate, rows_per_sample) for the next call only
 
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -110,13 +113,16 @@ class QuantLinear(nn.Module):
         return (self.had_block <= 1 and self.static_scale is None and self.w_zero is None
                 and self.w_fmt in ("int8", "fp8") and self.a_bits == 8)
 
-    def fused_view(self, input_act: Optional[str] = None, norm_eps: Optional[float] = None) -> "QuantLinear":
+    def fused_view(self, input_act: Optional[str] = None, norm_eps: Optional[float] = None,
+                   residual: bool = False) -> "QuantLinear":
         """The same layer (parameters and buffers shared, not copied) that also runs a producer's work in its
         quantize: `input_act` (the MLP's GELU, whose module must then be Identity) or, with `norm_eps`, the block's
-        LayerNorm + modulate when armed. A separate object, so the plain layer stays correct wherever it is used
-        unfused (quant_core/fusions.py installs views next to the patches that make them right)."""
+        LayerNorm + modulate when armed; with `residual`, the consumer's gated residual add when armed. A separate
+        object, so the plain layer stays correct wherever it is used unfused (quant_core/fusions.py installs views
+        next to the patches that make them right)."""
         view = copy.copy(self)  # shares _parameters / _buffers: moving one moves both
         view.input_act, view.norm_eps, view._armed = input_act, norm_eps, None
+        view.fuse_residual, view._armed_res = bool(residual), None
         return view
 
     def arm_norm_modulate(self, shift: torch.Tensor, scale: torch.Tensor, rows_per_sample: int) -> None:
@@ -126,25 +132,46 @@ class QuantLinear(nn.Module):
             raise RuntimeError("arm_norm_modulate on a layer without a LayerNorm fusion (fusions.py sets norm_eps)")
         self._armed = (shift, scale, int(rows_per_sample))
 
+    def arm_residual(self, residual: torch.Tensor, gate: Optional[torch.Tensor], rows_per_sample: int) -> None:
+        """The next call returns residual + gate * (its output) (gate None: residual + output), the add done in the
+        GEMM's epilogue; residual is [B, N, out] (any shape with the output's rows), gate [B, 1, out] per sample of
+        rows_per_sample rows (models/fused_input.gated_residual arms it)."""
+        if not self.fuse_residual:
+            raise RuntimeError("arm_residual on a layer without a residual fusion (fusions.py sets fuse_residual)")
+        self._armed_res = (residual, gate, int(rows_per_sample))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        armed = self._armed
+        armed, res = self._armed, self._armed_res
         if armed is not None:  # one call only (Dynamo traces this as a module side effect, graph-break free)
             self._armed = None
+        if res is not None:
+            self._armed_res = None
         prologue = "norm_modulate" if armed is not None else self.input_act
-        if prologue == "none" and not torch.compiler.is_compiling():
+        if prologue == "none" and res is None and not torch.compiler.is_compiling():
             prologue = None  # eager: the plain path's cached launch plan costs less host time per call
+        if res is not None and prologue is None:
+            prologue = "none"  # the residual add needs the fused path's GEMM call
         if prologue is not None:
-            return self._forward_fused(x, prologue, *(armed or (None, None, 0)))
+            return self._forward_fused(x, prologue, *(armed or (None, None, 0)), res)
         return self._forward_plain(x)
 
-    def _forward_fused(self, x, prologue, shift, scale, rows_per_sample):
+    def _forward_fused(self, x, prologue, shift, scale, rows_per_sample, res=None):
         if self.qweight.device != x.device:
             self.to(x.device)
             self._sim_weight = None
         eps = self.norm_eps if self.norm_eps is not None else 1e-6
-        if self.simulate or not self.fusable():  # the prologue in torch, then the layer as usual
+        if self.simulate or not self.fusable():  # the prologue in torch, then the layer, then the add, as unfused
             xf = kernels.reference.apply_prologue(x, prologue, shift, scale, rows_per_sample, eps)
-            return self._forward_plain(xf.to(x.dtype).reshape(x.shape))
+            y = self._forward_plain(xf.to(x.dtype).reshape(x.shape))
+            if res is None:
+                return y
+            residual, gate, _ = res
+            yr = y.reshape(residual.shape)
+            return (residual + (yr if gate is None else gate * yr)).reshape(y.shape)
+        if res is not None:  # the output keeps the layer's own shape; gated_residual gives it the residual's
+            return kernels.prologue_quant_linear(x, prologue, shift, scale, rows_per_sample, eps,
+                                                 self.quantized_weight(), self.bias, self.act_mult, self.act_fmt,
+                                                 self.act_qmax, self.backend, *res)
         return kernels.prologue_quant_linear(x, prologue, shift, scale, rows_per_sample, eps,
                                              self.quantized_weight(), self.bias, self.act_mult, self.act_fmt,
                                              self.act_qmax, self.backend)
@@ -180,7 +207,8 @@ class QuantLinear(nn.Module):
                 f"{'/g' + str(self.group_size) if self.group_size else ''}, a={self.act_fmt}:{self.a_bits}b, "
                 f"hadamard={self.had_block}, smoothed={self.meta.get('smoothed')}"
                 f"{', fused=' + self.input_act if self.input_act else ''}"
-                f"{', fused=norm_modulate' if self.norm_eps is not None else ''}")
+                f"{', fused=norm_modulate' if self.norm_eps is not None else ''}"
+                f"{', fused=residual' if self.fuse_residual else ''}")
 
 
 class RangeClock:

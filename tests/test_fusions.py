@@ -18,7 +18,7 @@ from viditq.kernels import dispatch
 from viditq.models.opensora import load_opensora
 from viditq.models.opensora.tiny import save_tiny_opensora
 from viditq.quant_core import build_quant_layers, fusion_patches, get_preset, install_quant_layers, replace_layers
-from viditq.quant_core.fusions import FUSE_ENV, FUSE_PLAIN_ENV
+from viditq.quant_core.fusions import FUSE_ENV, FUSE_PLAIN_ENV, FUSE_RESIDUAL_ENV
 
 
 def _pixart_inputs(dtype=torch.float32):
@@ -109,7 +109,7 @@ def test_plain_inputs_through_the_prologue_kernel(monkeypatch):
         with_views = model(*args)
         replace_layers(model, old)
         monkeypatch.setenv(FUSE_PLAIN_ENV, "0")
-        assert not plain_names & set(fusion_patches(model, layers))
+        assert not any(getattr(v, "input_act", None) == "none" for v in fusion_patches(model, layers).values())
         old = install_quant_layers(model, layers)
         without = model(*args)
         replace_layers(model, old)
@@ -117,6 +117,34 @@ def test_plain_inputs_through_the_prologue_kernel(monkeypatch):
     monkeypatch.setenv(FUSE_PLAIN_ENV, "yes")
     with pytest.raises(ValueError, match=FUSE_PLAIN_ENV):
         fusion_patches(model, layers)
+
+
+def test_residual_adds_fused_into_the_gemm(monkeypatch):
+    """attn.proj, cross_attn.proj and mlp.fc2 add the block's gated residual in their GEMM epilogue: same output as
+    the separate add (to bf16 rounding), every arming consumed, and VIDITQ_FUSE_RESIDUAL=0 leaves the adds alone."""
+    model = tiny_pixart(depth=2)
+    args = _pixart_inputs()
+    layers, _ = build_quant_layers(model, get_preset("w8a8-smoothquant"))
+    res_names = {f"blocks.{i}.{r}" for i in range(2) for r in ("attn.proj", "cross_attn.proj", "mlp.fc2")}
+    calls = []
+    with torch.no_grad():
+        patches = fusion_patches(model, layers)
+        assert {n for n, v in patches.items() if getattr(v, "fuse_residual", False)} == res_names
+        old = install_quant_layers(model, layers)
+        for n in res_names:  # the GEMM really gets the residual (no separate add)
+            layer = model.get_submodule(n)
+            orig = layer._forward_fused
+            layer._forward_fused = (lambda o, n: lambda *a: (calls.append((n, a[-1] is not None)), o(*a))[1])(orig, n)
+        fused = model(*args)
+        assert all(getattr(q, "_armed_res", None) is None for q in model.modules())
+        replace_layers(model, old)
+        monkeypatch.setenv(FUSE_RESIDUAL_ENV, "0")
+        assert not any(getattr(v, "fuse_residual", False) for v in fusion_patches(model, layers).values())
+        old = install_quant_layers(model, layers)
+        separate = model(*args)
+        replace_layers(model, old)
+    assert sorted(calls) == sorted((n, True) for n in res_names)
+    assert _rel(fused, separate) < 1e-5, _rel(fused, separate)
 
 
 def test_simulated_and_reference_paths_agree():

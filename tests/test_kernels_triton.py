@@ -317,6 +317,50 @@ def test_gemm_fp8(m, n, k, odt, kind, monkeypatch):
     assert rel_err(y, reference.quantized_matmul(a, w, bias, torch.float64)) < OUT_TOL[odt]
 
 
+@pytest.mark.parametrize("kind", ["ptr", "tma", "tmas"])
+@pytest.mark.parametrize("m,n,k,fmt,gate_rows,odt", [(7, 72, 192, "int8", 7, torch.bfloat16),
+                                                     (130, 200, 192, "int8", 65, torch.float16),
+                                                     (129, 72, 256, "fp8", 0, torch.bfloat16),
+                                                     (6, 72, 192, "int8", -1, torch.float32)])
+def test_gemm_residual_epilogue(m, n, k, fmt, gate_rows, odt, kind, monkeypatch):
+    """out = residual + gate_b * (GEMM + bias) in the epilogue: per-sample gates (gate_rows rows each), no gate (0),
+    one gate row for all samples (-1); checked against the fp64 reference and against the unfused add."""
+    if fmt == "fp8" and not HAS_FP8:
+        pytest.skip("this torch build has no float8_e4m3fn dtype")
+    monkeypatch.setenv("VIDITQ_GEMM_KINDS", kind)
+    w = make_w(n, k, fmt, seed=m)
+    a = reference.quantize_activation(make_x(m, k, torch.float32, seed=5) * 0.05, None, 0,
+                                      "fp8" if fmt == "fp8" else "int8", 127, None, 0)
+    bias = torch.randn(n).to(odt)
+    plain = reference.quantized_matmul(a, w, bias, torch.float64)
+    res = (torch.randn(m, n) * float(plain.std())).to(odt)  # as large as the layer's output
+    rows = gate_rows if gate_rows > 0 else m
+    gate = None if gate_rows == 0 else torch.randn(1 if gate_rows < 0 else m // rows, n).to(odt)
+    out = torch.full((m, n), float("nan"), dtype=odt)
+    y = tg.quantized_matmul(a, w, bias, odt, out=out, residual=res, gate=gate, res_rows=rows)
+    assert y is not None and y.data_ptr() == out.data_ptr() and not y.isnan().any()
+    exact = reference.quantized_matmul(a, w, bias, torch.float64, res, gate, rows)
+    assert rel_err(y, exact) < OUT_TOL[odt]
+    g = 1.0 if gate is None else gate.double().repeat_interleave(rows if gate.shape[0] > 1 else m, 0)
+    assert rel_err(exact, res.double() + g * plain) < 1e-12
+    assert rel_err(y, plain) > 0.1  # the residual really was added
+
+
+def test_gemm_residual_refusals():
+    w = make_w(72, 192, "int8")
+    a = reference.quantize_activation(make_x(6, 192, torch.float32), None, 0, "int8", 127, None, 0)
+    with pytest.raises(ValueError, match="residual of shape"):
+        tg.quantized_matmul(a, w, None, torch.float32, residual=torch.zeros(5, 72))
+    with pytest.raises(ValueError, match="gate of shape"):
+        tg.quantized_matmul(a, w, None, torch.float32, residual=torch.zeros(6, 72), gate=torch.zeros(4, 72),
+                            res_rows=3)
+    w4 = make_w(72, 192, "int4")  # no residual in the W4A8 kernels: triton_ops adds it after the GEMM
+    assert tg.quantized_matmul(a, w4, None, torch.float32, residual=torch.zeros(6, 72)) is None
+    res, gate = torch.randn(6, 72), torch.randn(2, 72)
+    y = triton_ops.quantized_matmul(a, w4, None, torch.float32, res, gate, 3)
+    assert rel_err(y, reference.quantized_matmul(a, w4, None, torch.float64, res, gate, 3)) < 1e-5
+
+
 @pytest.mark.parametrize("kind", ["ptr", "tma"])
 def test_gemm_realistic_shape(kind, monkeypatch):
     """PixArt qkv (K=1152 -> N=3456; N=1152 for the slower-to-interpret TMA kernel), 129 tokens (a partial row

@@ -18,7 +18,7 @@ from .common import (Attention, CaptionEmbedder, CrossAttention, Mlp, PatchEmbed
                      T2IFinalLayer, TimestepEmbedder, as_caption, cast_like, match_batch, modulate, ops_or_torch,
                      sincos_2d, unpatchify)
 from .. import fused_input
-from ..fused_input import modulated_input
+from ..fused_input import gated_residual, modulated_input
 
 VAE_SPATIAL_FACTOR = 8
 
@@ -27,6 +27,10 @@ class STDiT3Block(nn.Module):
     @property
     def fused_inputs(self):  # as models/pixart.PixArtBlock; temporal blocks reorder tokens before attn.qkv
         return (("mlp.fc1", "norm2"),) if self.temporal else (("attn.qkv", "norm1"), ("mlp.fc1", "norm2"))
+
+    @property
+    def fused_residuals(self):  # temporal blocks reorder the attention's output before the add
+        return ("cross_attn.proj", "mlp.fc2") if self.temporal else ("attn.proj", "cross_attn.proj", "mlp.fc2")
 
     def __init__(self, hidden: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True, temporal=False,
                  operations=None, dtype=None, device=None):
@@ -51,12 +55,13 @@ class STDiT3Block(nn.Module):
             x_m = modulate(self.norm1(x), shift_msa, scale_msa)
             x_m = x_m.reshape(b, frames, s, c).transpose(1, 2).reshape(b * s, frames, c)
             x_m = self.attn(x_m, rope).reshape(b, s, frames, c).transpose(1, 2).reshape(b, n, c)
+            x = x + gate_msa * x_m
         else:
             x_m = modulated_input(self.attn.qkv, self.norm1, x, shift_msa, scale_msa)
-            x_m = self.attn(x_m.reshape(b * frames, s, c)).reshape(b, n, c)
-        x = x + gate_msa * x_m
-        x = x + self.cross_attn(x, y, mask)
-        return x + gate_mlp * self.mlp(modulated_input(self.mlp.fc1, self.norm2, x, shift_mlp, scale_mlp))
+            x = gated_residual(self.attn.proj, x, gate_msa, self.attn, x_m.reshape(b * frames, s, c))
+        x = gated_residual(self.cross_attn.proj, x, None, self.cross_attn, x, y, mask)
+        return gated_residual(self.mlp.fc2, x, gate_mlp, self.mlp,
+                              modulated_input(self.mlp.fc1, self.norm2, x, shift_mlp, scale_mlp))
 
 
 class STDiT3(nn.Module):

@@ -85,16 +85,23 @@ def check_fused(rows):
                 rows_ps = m // 2
                 h = (torch.randn(m, view.in_features, generator=g) * 2).cuda().to(torch.bfloat16)
                 ada = (torch.randn(2, 6, view.in_features, generator=g) * 0.3).cuda().to(torch.bfloat16)
-                pro = "norm_modulate" if view.norm_eps is not None else view.input_act
-                if view.norm_eps is not None:
-                    view.arm_norm_modulate(ada[:, 0:1], ada[:, 1:2], rows_ps)
-                y = view(h)
+                pro = "norm_modulate" if view.norm_eps is not None else (view.input_act or "none")
                 xf = reference.apply_prologue(h, pro, ada[:, 0:1], ada[:, 1:2], rows_ps, view.norm_eps or 1e-6)
                 a = reference.quantize_activation(xf, view.act_mult, 0, view.act_fmt, view.act_qmax)
                 ref = reference.quantized_matmul(a, view.quantized_weight(), view.bias, torch.float64)
+                res = gate = None
+                if view.fuse_residual:  # the block's gated residual add in the GEMM epilogue
+                    res = (torch.randn(m, view.out_features, generator=g) * float(ref.std())).cuda().to(h.dtype)
+                    gate = torch.randn(2, 1, view.out_features, generator=g).cuda().to(h.dtype)
+                    view.arm_residual(res, gate, rows_ps)
+                    ref = reference.residual_add(ref, torch.float64, res, gate.reshape(2, -1), rows_ps)
+                if view.norm_eps is not None:
+                    view.arm_norm_modulate(ada[:, 0:1], ada[:, 1:2], rows_ps)
+                y = view(h)
                 err = rel_err(y, ref)
                 rows.append({"check": "fused layer", "preset": preset, "layer": name, "prologue": pro, "M": m,
-                             "rel_err": err, "ok": err < (0.03 if "fp8" in preset else 0.01)})
+                             "residual": res is not None, "rel_err": err,
+                             "ok": err < (0.03 if "fp8" in preset else 0.01)})
         with torch.no_grad():
             fp = model(x, t, ctx)
             old = replace_layers(model, layers)

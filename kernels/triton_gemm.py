@@ -133,11 +133,15 @@ def _epilogue_values(acc_f, offs_m, offs_n, M, N, AS, WS, WZ, QS, BIAS, stride_q
 
 @triton.jit
 def _residual(out, offs_m, offs_n, M, N, RES, GATE, stride_rm, stride_gb, res_rows,
-              HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr):
-    """res + gate_b * out (the block's gated residual add, b = row // res_rows the row's sample), in fp32."""
+              HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, GATE_1D: tl.constexpr = False):
+    """res + gate_b * out (the block's gated residual add, b = row // res_rows the row's sample), in fp32.
+    GATE_1D: the tile's rows are one sample's (res_rows a multiple of BLOCK_M): one gate row per tile."""
     if HAS_RES:
         m2 = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        if HAS_GATE:
+        if HAS_GATE and GATE_1D:
+            b0 = (tl.min(offs_m, axis=0) // res_rows).to(tl.int64)
+            out = out * tl.load(GATE + b0 * stride_gb + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        elif HAS_GATE:
             b = (offs_m // res_rows).to(tl.int64)
             out = out * tl.load(GATE + b[:, None] * stride_gb + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
         out = out + tl.load(RES + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :], mask=m2,
@@ -149,9 +153,10 @@ def _residual(out, offs_m, offs_n, M, N, RES, GATE, stride_rm, stride_gb, res_ro
 def _epilogue(acc_f, offs_m, offs_n, M, N, C, stride_cm, AS, WS, WZ, QS, BIAS, stride_qs,
               RES, GATE, stride_rm, stride_gb, res_rows,
               GROUP_K: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-              HAS_GATE: tl.constexpr):
+              HAS_GATE: tl.constexpr, GATE_1D: tl.constexpr):
     out = _epilogue_values(acc_f, offs_m, offs_n, M, N, AS, WS, WZ, QS, BIAS, stride_qs, GROUP_K, HAS_ZERO, HAS_BIAS)
-    out = _residual(out, offs_m, offs_n, M, N, RES, GATE, stride_rm, stride_gb, res_rows, HAS_RES, HAS_GATE)
+    out = _residual(out, offs_m, offs_n, M, N, RES, GATE, stride_rm, stride_gb, res_rows, HAS_RES, HAS_GATE,
+                    GATE_1D)
     tl.store(C + offs_m[:, None] * stride_cm + offs_n[None, :], out.to(C.dtype.element_ty),
              mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
@@ -162,7 +167,7 @@ def _qgemm_kernel(A, B, C, AS, WS, WZ, QS, BIAS, M, N, K, stride_am, stride_bn, 
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                   W_INT4: tl.constexpr, IS_FP8: tl.constexpr, GROUP_K: tl.constexpr, HAS_ZERO: tl.constexpr,
                   HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, MAGIC: tl.constexpr, A_PERM: tl.constexpr = False,
-                  HAS_RES: tl.constexpr = False, HAS_GATE: tl.constexpr = False):
+                  HAS_RES: tl.constexpr = False, HAS_GATE: tl.constexpr = False, GATE_1D: tl.constexpr = False):
     # A_PERM (int4 weights, K % BLOCK_K == 0): the activation codes are parity-split (even channels in the first
     # half of each row, odd in the second), so the two nibbles of each weight byte meet their activations with
     # two plain dot products and no interleaving shuffle.
@@ -221,7 +226,7 @@ def _qgemm_kernel(A, B, C, AS, WS, WZ, QS, BIAS, M, N, K, stride_am, stride_bn, 
             acc_f = _fold_group(acc_f, acc, g, offs_m, offs_n, M, N, WS, WZ, QS, stride_ws, stride_qs,
                                 HAS_ZERO, MAGIC)
     _epilogue(acc_f, offs_m, offs_n, M, N, C, stride_cm, AS, WS, WZ, QS, BIAS, stride_qs,
-              RES, GATE, stride_rm, stride_gb, res_rows, GROUP_K, HAS_ZERO, HAS_BIAS, HAS_RES, HAS_GATE)
+              RES, GATE, stride_rm, stride_gb, res_rows, GROUP_K, HAS_ZERO, HAS_BIAS, HAS_RES, HAS_GATE, GATE_1D)
 
 
 @triton.jit
@@ -230,7 +235,7 @@ def _qgemm_tma_kernel(a_desc, b_desc, C, AS, WS, WZ, QS, BIAS, M, N, K, stride_c
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                       W_INT4: tl.constexpr, IS_FP8: tl.constexpr, GROUP_K: tl.constexpr, HAS_ZERO: tl.constexpr,
                       HAS_BIAS: tl.constexpr, MAGIC: tl.constexpr, EPI_TMA: tl.constexpr, A_PERM: tl.constexpr = False,
-                      HAS_RES: tl.constexpr = False, HAS_GATE: tl.constexpr = False):
+                      HAS_RES: tl.constexpr = False, HAS_GATE: tl.constexpr = False, GATE_1D: tl.constexpr = False):
     start = tl.program_id(0)
     KB: tl.constexpr = BLOCK_K // 2 if W_INT4 else BLOCK_K
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
@@ -287,7 +292,8 @@ def _qgemm_tma_kernel(a_desc, b_desc, C, AS, WS, WZ, QS, BIAS, M, N, K, stride_c
                 out = _epilogue_values(acc_f, offs_m, offs_n, M, N, AS, WS, WZ, QS, BIAS, stride_qs,
                                        GROUP_K, HAS_ZERO, HAS_BIAS)
                 acc_f = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            out = _residual(out, offs_m, offs_n, M, N, RES, GATE, stride_rm, stride_gb, res_rows, HAS_RES, HAS_GATE)
+            out = _residual(out, offs_m, offs_n, M, N, RES, GATE, stride_rm, stride_gb, res_rows, HAS_RES, HAS_GATE,
+                            GATE_1D)
             if EPI_TMA:  # C is a tensor descriptor: one bulk asynchronous store, clipped at the edges
                 C.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out.to(C.dtype))
             else:
@@ -601,6 +607,11 @@ def check_residual(residual, gate, res_rows, m, n):
                          f"({m} rows)")
 
 
+def _gate_1d(gate, res_rows, bm) -> bool:
+    """Can each output tile of bm rows read one gate row (its rows all in one sample, or one gate for all)?"""
+    return gate is not None and (gate.shape[0] == 1 or int(res_rows) % bm == 0)
+
+
 def _residual_args(c, res, gate, res_rows):
     """(RES, GATE, stride_rm, stride_gb, res_rows) kernel arguments; c stands in for what is absent (never read)."""
     if res is None:
@@ -653,7 +664,8 @@ def launcher(cfg, n, k, group_k, has_zero, has_bias, magic, u4, perm_mode, devic
             grid = (_cdiv(m, bm) * _cdiv(n, bn),)
             return _qgemm_kernel[grid](q, wd, c, a_scale, ws, wz, qs, bias_t, m, n, k, q.stride(0), wd.stride(0),
                                        c.stride(0), ws.stride(0) if group_k else 0, stride_qs,
-                                       *_residual_args(c, res, gate, res_rows), **kw)
+                                       *_residual_args(c, res, gate, res_rows), GATE_1D=_gate_1d(gate, res_rows, bm),
+                                       **kw)
         return fn
     kb = bk // 2 if w_int4 else bk
     a_kb = kb if perm_mode == 1 else bk
@@ -669,7 +681,8 @@ def launcher(cfg, n, k, group_k, has_zero, has_bias, magic, u4, perm_mode, devic
         progs = min(nsm * per_sm, _cdiv(m, bm) * _cdiv(n, bn))
         return _qgemm_tma_kernel[(progs,)](a_desc, b_desc, c_arg, a_scale, ws, wz, qs, bias_t, m, n, k,
                                            c.stride(0), ws.stride(0) if group_k else 0, stride_qs, progs,
-                                           *_residual_args(c, res, gate, res_rows), **kw)
+                                           *_residual_args(c, res, gate, res_rows),
+                                           GATE_1D=_gate_1d(gate, res_rows, bm), **kw)
     return fn
 
 

@@ -321,10 +321,12 @@ def test_gemm_fp8(m, n, k, odt, kind, monkeypatch):
 @pytest.mark.parametrize("m,n,k,fmt,gate_rows,odt", [(7, 72, 192, "int8", 7, torch.bfloat16),
                                                      (130, 200, 192, "int8", 65, torch.float16),
                                                      (129, 72, 256, "fp8", 0, torch.bfloat16),
-                                                     (6, 72, 192, "int8", -1, torch.float32)])
+                                                     (6, 72, 192, "int8", -1, torch.float32),
+                                                     (96, 72, 192, "int8", 32, torch.float32)])
 def test_gemm_residual_epilogue(m, n, k, fmt, gate_rows, odt, kind, monkeypatch):
-    """out = residual + gate_b * (GEMM + bias) in the epilogue: per-sample gates (gate_rows rows each), no gate (0),
-    one gate row for all samples (-1); checked against the fp64 reference and against the unfused add."""
+    """out = residual + gate_b * (GEMM + bias) in the epilogue: per-sample gates (gate_rows rows each; 32: whole
+    32-row tiles per sample, the one-gate-row-per-tile path), no gate (0), one gate row for all samples (-1);
+    checked against the fp64 reference and against the unfused add."""
     if fmt == "fp8" and not HAS_FP8:
         pytest.skip("this torch build has no float8_e4m3fn dtype")
     monkeypatch.setenv("VIDITQ_GEMM_KINDS", kind)

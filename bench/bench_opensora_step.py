@@ -35,6 +35,7 @@ def _parse():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--dry", action="store_true", help="CPU, tiny shapes (checks the script)")
+    p.add_argument("--profile", action="store_true", help="per compiled row: one step's costliest kernels")
     p.add_argument("--compile-presets", default="",
                    help="also time these presets (and FP16) with every block torch.compiled (Inductor, tuned "
                         "fusions), e.g. w8a8,w8a8-smoothquant; preset@kernel / preset@torch sets "
@@ -82,12 +83,14 @@ def compiled_rows(result, args, model, layers, calib, step, ref, fp_s, cuda, pre
     import os
 
     for spec in ["fp16"] + presets:
-        # "w8a8-smoothquant@kernel": VIDITQ_COMPILE_QUANT for this row; "@nofuse" / "@torch+nofuse": VIDITQ_FUSE=0
+        # "w8a8-smoothquant@kernel": VIDITQ_COMPILE_QUANT for this row; "@nofuse" / "@torch+nofuse": VIDITQ_FUSE=0;
+        # "@nores": VIDITQ_FUSE_RESIDUAL=0 (the gated residual adds outside the GEMM epilogue)
         preset, _, opts = spec.partition("@")
         opts = opts.split("+") if opts else []
-        quant_mode = next((o for o in opts if o != "nofuse"), "auto")
+        quant_mode = next((o for o in opts if o not in ("nofuse", "nores")), "auto")
         os.environ["VIDITQ_COMPILE_QUANT"] = quant_mode
         os.environ["VIDITQ_FUSE"] = "0" if "nofuse" in opts else "1"
+        os.environ["VIDITQ_FUSE_RESIDUAL"] = "0" if "nores" in opts else "1"
         t0 = time.perf_counter()
         old = None
         try:
@@ -105,6 +108,8 @@ def compiled_rows(result, args, model, layers, calib, step, ref, fp_s, cuda, pre
                 fp_c = ms
             elif fp_c:
                 row["speedup_vs_fp16_compiled"] = fp_c / ms
+            if args.profile and cuda:
+                row["top_kernels_ms"] = _top_kernels(step)
         except Exception as e:  # a failed variant is a row saying why, never a lost run
             row = {"variant": spec, "compiled": True, "ms_per_step": None,
                    "error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -116,8 +121,20 @@ def compiled_rows(result, args, model, layers, calib, step, ref, fp_s, cuda, pre
             torch._dynamo.reset()
             os.environ.pop("VIDITQ_COMPILE_QUANT", None)
             os.environ.pop("VIDITQ_FUSE", None)
+            os.environ.pop("VIDITQ_FUSE_RESIDUAL", None)
         result["rows"].append(row)
         print(f"compiled {spec}: {row}", flush=True)
+
+
+def _top_kernels(step, top=14):
+    """{kernel name: ms} of one step's 14 costliest GPU kernels (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: -getattr(e, "device_time_total", 0))[:top]
+    return {e.key[:90]: round(getattr(e, "device_time_total", 0) / 1e3, 3) for e in rows}
 
 
 def main():

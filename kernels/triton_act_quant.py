@@ -555,7 +555,7 @@ class Tuner:
 
 
 last_errors = {}
-tuner = Tuner("act_quant")
+tuner = Tuner("act_quant", graph=True)  # graph replays: eager timing of a ~10 us kernel times the host
 
 # Candidates: (kind, rows per program step, num_warps, programs per SM (0: one program per tile, no persistence),
 # CW (0: the default channels per block / chunk), PREFETCH, num_stages).

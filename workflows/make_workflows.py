@@ -183,8 +183,34 @@ def pixart_w4a8_mp() -> List[Node]:
     ]
 
 
+def pixart_w8a8_fast() -> List[Node]:
+    """The fast path (README, Speed): calibrated W8A8 SmoothQuant-style (unrotated: its producers and residual adds
+    fuse into our kernels) -> ViDiT-Q Compile Model with CUDA graphs (reduce-overhead) -> stock KSampler. The first
+    run compiles (tens of seconds); later runs at this size replay the step."""
+    prompt = "a photo of a red fox sitting in fresh snow, detailed fur, soft morning light"
+    cond = [("positive", "CONDITIONING", (3, 0)), ("negative", "CONDITIONING", (4, 0)),
+            ("latent_image", "LATENT", (5, 0))]
+    return _pixart_inputs(prompt) + [
+        Node(7, "ViDiTQCalibrate", (740, 40), _sampling() + [("timestep_buckets", 4)],
+             [("model", "MODEL", (1, 0))] + cond, [("calib", "VIDITQ_CALIB")], (320, 300)),
+        Node(8, "ViDiTQQuantize", (740, 380), [("preset", "w8a8-smoothquant"), ("backend", "auto"),
+                                               ("attention", "off")],
+             [("model", "MODEL", (1, 0)), ("calib", "VIDITQ_CALIB", (7, 0)), ("plan", "VIDITQ_PLAN", None)],
+             [("MODEL", "MODEL")]),
+        Node(9, "ViDiTQCompileModel", (740, 560), [("mode", "reduce-overhead"), ("fullgraph", True),
+                                                   ("tune_fusions", True), ("backend", "inductor")],
+             [("model", "MODEL", (8, 0))], [("MODEL", "MODEL")], (320, 180)),
+        Node(10, "KSampler", (1100, 40), _sampling() + [("denoise", 1.0)],
+             [("model", "MODEL", (9, 0))] + cond, [("LATENT", "LATENT")], (320, 260)),
+        Node(11, "VAEDecode", (1480, 40), inputs=[("samples", "LATENT", (10, 0)), ("vae", "VAE", (6, 0))],
+             outputs=[("IMAGE", "IMAGE")]),
+        Node(12, "SaveImage", (1480, 200), [("filename_prefix", "vidit_q/w8a8_fast")],
+             [("images", "IMAGE", (11, 0))], size=(500, 400)),
+    ]
+
+
 WORKFLOWS = {"pixart_w8a8_compare": pixart_w8a8_compare, "opensora_w8a8_compare": opensora_w8a8_compare,
-             "pixart_w4a8_mp": pixart_w4a8_mp}
+             "pixart_w4a8_mp": pixart_w4a8_mp, "pixart_w8a8_fast": pixart_w8a8_fast}
 
 
 def render() -> dict:

@@ -83,16 +83,25 @@ def _pixart_inputs(prompt: str) -> List[Node]:
     ]
 
 
-def pixart_w8a8_compare() -> List[Node]:
+PIXART_COND = [("positive", "CONDITIONING", (3, 0)), ("negative", "CONDITIONING", (4, 0)),
+               ("latent_image", "LATENT", (5, 0))]
+
+
+def _pixart_calibrated(preset: str) -> List[Node]:
+    """Nodes 1-8 of the PixArt W8A8 workflows: the inputs, Calibrate (7) and Quantize DiT (8) with `preset`."""
     prompt = "a photo of a red fox sitting in fresh snow, detailed fur, soft morning light"
-    cond = [("positive", "CONDITIONING", (3, 0)), ("negative", "CONDITIONING", (4, 0)),
-            ("latent_image", "LATENT", (5, 0))]
     return _pixart_inputs(prompt) + [
         Node(7, "ViDiTQCalibrate", (740, 40), _sampling() + [("timestep_buckets", 4)],
-             [("model", "MODEL", (1, 0))] + cond, [("calib", "VIDITQ_CALIB")], (320, 300)),
-        Node(8, "ViDiTQQuantize", (740, 380), [("preset", "w8a8"), ("backend", "auto"), ("attention", "off")],
+             [("model", "MODEL", (1, 0))] + PIXART_COND, [("calib", "VIDITQ_CALIB")], (320, 300)),
+        Node(8, "ViDiTQQuantize", (740, 380), [("preset", preset), ("backend", "auto"), ("attention", "off")],
              [("model", "MODEL", (1, 0)), ("calib", "VIDITQ_CALIB", (7, 0)), ("plan", "VIDITQ_PLAN", None)],
              [("MODEL", "MODEL")]),
+    ]
+
+
+def pixart_w8a8_compare() -> List[Node]:
+    cond = PIXART_COND
+    return _pixart_calibrated("w8a8") + [
         Node(9, "ViDiTQQuantizedSampler", (1100, 40), _sampling() + [("denoise", 1.0)],
              [("model_fp", "MODEL", (1, 0)), ("model_q", "MODEL", (8, 0))] + cond + [("vae", "VAE", (6, 0))],
              [("latent_fp", "LATENT"), ("latent_q", "LATENT"), ("compare", "IMAGE"), ("report", "STRING")],
@@ -187,16 +196,8 @@ def pixart_w8a8_fast() -> List[Node]:
     """The fast path (README, Speed): calibrated W8A8 SmoothQuant-style (unrotated: its producers and residual adds
     fuse into our kernels) -> ViDiT-Q Compile Model with CUDA graphs (reduce-overhead) -> stock KSampler. The first
     run compiles (tens of seconds); later runs at this size replay the step."""
-    prompt = "a photo of a red fox sitting in fresh snow, detailed fur, soft morning light"
-    cond = [("positive", "CONDITIONING", (3, 0)), ("negative", "CONDITIONING", (4, 0)),
-            ("latent_image", "LATENT", (5, 0))]
-    return _pixart_inputs(prompt) + [
-        Node(7, "ViDiTQCalibrate", (740, 40), _sampling() + [("timestep_buckets", 4)],
-             [("model", "MODEL", (1, 0))] + cond, [("calib", "VIDITQ_CALIB")], (320, 300)),
-        Node(8, "ViDiTQQuantize", (740, 380), [("preset", "w8a8-smoothquant"), ("backend", "auto"),
-                                               ("attention", "off")],
-             [("model", "MODEL", (1, 0)), ("calib", "VIDITQ_CALIB", (7, 0)), ("plan", "VIDITQ_PLAN", None)],
-             [("MODEL", "MODEL")]),
+    cond = PIXART_COND
+    return _pixart_calibrated("w8a8-smoothquant") + [
         Node(9, "ViDiTQCompileModel", (740, 560), [("mode", "reduce-overhead"), ("fullgraph", True),
                                                    ("tune_fusions", True), ("backend", "inductor")],
              [("model", "MODEL", (8, 0))], [("MODEL", "MODEL")], (320, 180)),

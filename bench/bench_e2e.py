@@ -25,6 +25,11 @@ Variants (all in one process, same inputs):
   w8a8_sq_fpcompile     w8a8_sq_fcompile + the attention projections' quantize in that kernel (VIDITQ_FUSE_PLAIN=1)
   w8a8_sq_frcompile     + the gated residual adds in the GEMM epilogues: every fusion, the default (also for fp8
                         without rotation: w8a8_fp8_norot_frcompile)
+  w8a8_compile          ViDiT-Q W8A8 int8 (smoothing + rotation), compiled, no fusions (the rotated quantize on
+                        its own, whichever act-quant kernel the tuner picks)
+  w8a8_frcompile        the same with every fusion: the rotation runs inside the producer's quantize kernel
+                        (LayerNorm+modulate / GELU / plain, then the block Hadamard as a transform); w8a8_fp8_frcompile
+                        the same with fp8
   fp16_strided          fp16 with the channel-strided residual stream ComfyUI's own PixArt keeps
   torchao_int8          torchao Int8DynamicActivationInt8WeightConfig (eager), same linears
   torchao_int8_compile  the same, blocks compiled (torch.compile)
@@ -62,8 +67,9 @@ ALL_VARIANTS = ["fp16", "fp16_attn_fp8", "w8a8_int8", "w8a8_fp8", "w8a8_fp8_attn
                 "comfy_fp8_fast_equiv", "w4a8_plan", "w8a8_fp8_norot", "fp16_compile", "w8a8_fp8_compile",
                 "w8a8_fp8_norot_compile", "w8a8_sq_compile", "w8a8_sq_kcompile", "w8a8_full", "torchao_int8_compile",
                 "w8a8_sq_fused", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile", "fp16_strided", "w8a8_sq_fpcompile",
-                "w8a8_sq_frcompile", "w8a8_fp8_norot_frcompile"]
-COMPILED = {"w8a8_full", "torchao_int8_compile", "fp16_compile", "w8a8_fp8_compile", "w8a8_fp8_norot_compile",
+                "w8a8_sq_frcompile", "w8a8_fp8_norot_frcompile", "w8a8_compile", "w8a8_frcompile",
+                "w8a8_fp8_frcompile"]
+COMPILED = {"w8a8_compile", "w8a8_frcompile", "w8a8_fp8_frcompile", "w8a8_full", "torchao_int8_compile", "fp16_compile", "w8a8_fp8_compile", "w8a8_fp8_norot_compile",
             "w8a8_sq_compile", "w8a8_sq_kcompile", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile",
             "w8a8_sq_fpcompile", "w8a8_sq_frcompile", "w8a8_fp8_norot_frcompile"}
 # our variants: (preset, config changes, quantized attention, compiled, activation quantize under compile)
@@ -84,8 +90,12 @@ OURS = {"w8a8_int8": ("w8a8", {}, None, False, None), "w8a8_fp8": ("w8a8-fp8", {
         "w8a8_sq_fpcompile": ("w8a8-smoothquant", {}, None, True, "torch"),
         # and the gated residual adds in the GEMM epilogues (every fusion: the default since session 12)
         "w8a8_sq_frcompile": ("w8a8-smoothquant", {}, None, True, "torch"),
-        "w8a8_fp8_norot_frcompile": ("w8a8-fp8", {"rotate": False}, None, True, "torch")}
-FUSED = {"w8a8_sq_fused", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile", "w8a8_sq_fpcompile", "w8a8_sq_frcompile",
+        "w8a8_fp8_norot_frcompile": ("w8a8-fp8", {"rotate": False}, None, True, "torch"),
+        # ViDiT-Q's own presets (smoothing + rotation): unfused, and with the rotation in the fused kernel
+        "w8a8_compile": ("w8a8", {}, None, True, "kernel"),
+        "w8a8_frcompile": ("w8a8", {}, None, True, "kernel"),
+        "w8a8_fp8_frcompile": ("w8a8-fp8", {}, None, True, "kernel")}
+FUSED = {"w8a8_frcompile", "w8a8_fp8_frcompile", "w8a8_sq_fused", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile", "w8a8_sq_fpcompile", "w8a8_sq_frcompile",
          "w8a8_fp8_norot_frcompile"}
 # the fusion switches each fused variant installs with (the names keep what they measured when they were added)
 FUSE_SWITCHES = {"w8a8_sq_fcompile": {"VIDITQ_FUSE_PLAIN": "0", "VIDITQ_FUSE_RESIDUAL": "0"},
@@ -965,7 +975,8 @@ def main():
             if v == "fp16" and not ARGS.no_profile and 1024 in RESOLUTIONS:
                 profiles["fp16"] = profile_step("fp16", target, 1024)
             if v in ("w8a8_fp8_attn", "w8a8_full", "w8a8_fp8_compile", "w8a8_fp8_norot_compile", "w8a8_sq_compile",
-                     "fp16_compile", "w8a8_sq_fcompile", "w8a8_sq_fpcompile", "w8a8_sq_frcompile") \
+                     "fp16_compile", "w8a8_sq_fcompile", "w8a8_sq_fpcompile", "w8a8_sq_frcompile",
+                     "w8a8_frcompile") \
                     and not ARGS.no_profile and 1024 in RESOLUTIONS \
                     and elapsed() < ARGS.budget_s:
                 try:

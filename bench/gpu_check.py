@@ -74,7 +74,7 @@ def check_fused(rows):
     from viditq.quant_core import fusion_patches
 
     model, (x, t, ctx), g = small_pixart(seed=2)
-    for preset in ("w8a8-smoothquant", "w8a8-fp8-norot"):
+    for preset in ("w8a8-smoothquant", "w8a8-fp8-norot", "w8a8", "w8a8-fp8"):  # the last two rotated
         cfg = dataclasses.replace(get_preset("w8a8-fp8"), rotate=False) if preset == "w8a8-fp8-norot" \
             else get_preset(preset)
         layers, _ = build_quant_layers(model, cfg, None, None, "auto")
@@ -87,7 +87,7 @@ def check_fused(rows):
                 ada = (torch.randn(2, 6, view.in_features, generator=g) * 0.3).cuda().to(torch.bfloat16)
                 pro = "norm_modulate" if view.norm_eps is not None else (view.input_act or "none")
                 xf = reference.apply_prologue(h, pro, ada[:, 0:1], ada[:, 1:2], rows_ps, view.norm_eps or 1e-6)
-                a = reference.quantize_activation(xf, view.act_mult, 0, view.act_fmt, view.act_qmax)
+                a = reference.quantize_activation(xf, view.act_mult, view.had_block, view.act_fmt, view.act_qmax)
                 ref = reference.quantized_matmul(a, view.quantized_weight(), view.bias, torch.float64)
                 res = gate = None
                 if view.fuse_residual:  # the block's gated residual add in the GEMM epilogue
@@ -100,6 +100,7 @@ def check_fused(rows):
                 y = view(h)
                 err = rel_err(y, ref)
                 rows.append({"check": "fused layer", "preset": preset, "layer": name, "prologue": pro, "M": m,
+                             "had_block": view.had_block,
                              "residual": res is not None, "rel_err": err,
                              "ok": err < (0.03 if "fp8" in preset else 0.01)})
         with torch.no_grad():

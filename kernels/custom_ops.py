@@ -137,15 +137,16 @@ def _quantized_matmul_fake(q, scale, qsum, w_data, w_scale, w_zero, bias, w_fmt,
 # ---- viditq::prologue_quantize -----------------------------------------------------------------------------------
 def _prologue_quantize(x: torch.Tensor, prologue: str, shift: Optional[torch.Tensor], scale: Optional[torch.Tensor],
                        rows_per_sample: int, eps: float, mult: Optional[torch.Tensor], fmt: str, qmax: int,
-                       backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(q [M, K], scale [M]) = per-token quantize of prologue(x) * mult (dispatch.prologue_quant_linear)."""
+                       backend: str, had_block: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(q [M, K], scale [M]) = per-token quantize of H(prologue(x) * mult) (dispatch.prologue_quant_linear)."""
     from . import dispatch
 
-    a = dispatch.prologue_quantize_impl(x, prologue, shift, scale, rows_per_sample, eps, mult, fmt, qmax, backend)
+    a = dispatch.prologue_quantize_impl(x, prologue, shift, scale, rows_per_sample, eps, mult, fmt, qmax, backend,
+                                        had_block)
     return a.q.contiguous(), a.scale.contiguous()
 
 
-def _prologue_quantize_fake(x, prologue, shift, scale, rows_per_sample, eps, mult, fmt, qmax, backend):
+def _prologue_quantize_fake(x, prologue, shift, scale, rows_per_sample, eps, mult, fmt, qmax, backend, had_block=0):
     x2 = x.reshape(-1, x.shape[-1])
     q = x2.new_empty(x2.shape, dtype=torch.float8_e4m3fn if fmt == "fp8" else torch.int8)
     return q, x2.new_empty(x2.shape[:1], dtype=torch.float32)

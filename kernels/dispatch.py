@@ -147,10 +147,11 @@ def prologue_quant_linear(x: torch.Tensor, prologue: str, shift: Optional[torch.
                           bias: Optional[torch.Tensor], mult: Optional[torch.Tensor] = None, act_fmt: str = "int8",
                           act_qmax: int = 127, backend: Optional[str] = "auto",
                           residual: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None,
-                          res_rows: int = 0) -> torch.Tensor:
+                          res_rows: int = 0, had_block: int = 0) -> torch.Tensor:
     """quant_linear with the producer's elementwise work fused into the quantize (reference.apply_prologue: GELU,
-    or LayerNorm + adaLN modulate): y = quantize(prologue(x) * mult) @ W^T + bias. For unrotated layers with
-    dynamic scales and symmetric int8 / fp8 weights (quant_core/fusions.py picks them). With `residual` (the
+    or LayerNorm + adaLN modulate): y = quantize(H(prologue(x) * mult)) @ W^T + bias, H the block Hadamard of
+    had_block channels (none if <= 1). For layers with dynamic scales and symmetric int8 / fp8 weights
+    (quant_core/fusions.py picks them). With `residual` (the
     block's residual stream, [..., N] as y) the consumer's gated residual add too: residual + gate_b * y, gate
     [B', 1, N] / [B', N] per sample of res_rows rows."""
     n = w.out_features
@@ -163,28 +164,29 @@ def prologue_quant_linear(x: torch.Tensor, prologue: str, shift: Optional[torch.
             gate2 = gate2 if gate2.stride(-1) == 1 else gate2.contiguous()
     if torch.compiler.is_compiling():
         q, s = custom_ops.prologue_quantize(x, prologue, shift, scale, rows_per_sample, eps, mult, act_fmt,
-                                            act_qmax, backend or "auto")
+                                            act_qmax, backend or "auto", int(had_block))
         y = custom_ops.quantized_matmul(q, s, None, w.data, w.scale, w.zero, bias, w.fmt, w.in_features,
                                         w.group_size, x.dtype, backend or "auto", res2, gate2, int(res_rows))
     else:
         a = prologue_quantize_impl(x, prologue, shift, scale, rows_per_sample, eps, mult, act_fmt, act_qmax,
-                                   backend)
+                                   backend, had_block)
         y = quantized_matmul_impl(a, w, bias, x.dtype, backend, res2, gate2, int(res_rows))
     return y.reshape(*x.shape[:-1], n)
 
 
 def prologue_quantize_impl(x, prologue, shift=None, scale=None, rows_per_sample=0, eps=1e-6, mult=None,
-                           fmt="int8", qmax=127, backend: Optional[str] = "auto") -> QuantizedActivation:
+                           fmt="int8", qmax=127, backend: Optional[str] = "auto",
+                           had_block: int = 0) -> QuantizedActivation:
     """reference.prologue_quantize, on the Triton kernel where it runs."""
     if resolve_backend(backend, x.device) == "triton":
         from . import triton_ops, triton_prologue_quant
 
         if fmt != "fp8" or triton_ops.fp8_ok(x.device):
             a = triton_prologue_quant.prologue_quantize(x, prologue, shift, scale, rows_per_sample, eps, mult, fmt,
-                                                        qmax)
+                                                        qmax, had_block)
             if a is not None:
                 return a
-    return reference.prologue_quantize(x, prologue, shift, scale, rows_per_sample, eps, mult, fmt, qmax)
+    return reference.prologue_quantize(x, prologue, shift, scale, rows_per_sample, eps, mult, fmt, qmax, had_block)
 
 
 def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str,

@@ -184,7 +184,8 @@ def apply_prologue(x: torch.Tensor, prologue: Optional[str], shift: Optional[tor
 
 def prologue_quantize(x: torch.Tensor, prologue: str, shift: Optional[torch.Tensor] = None,
                       scale: Optional[torch.Tensor] = None, rows_per_sample: int = 0, eps: float = 1e-6,
-                      mult: Optional[torch.Tensor] = None, fmt: str = "int8", qmax: int = 127
+                      mult: Optional[torch.Tensor] = None, fmt: str = "int8", qmax: int = 127, had_block: int = 0
                       ) -> QuantizedActivation:
-    """quantize_activation(apply_prologue(x, ...) , mult): the oracle of kernels/triton_prologue_quant.py."""
-    return quantize_activation(apply_prologue(x, prologue, shift, scale, rows_per_sample, eps), mult, 0, fmt, qmax)
+    """quantize_activation(apply_prologue(x, ...), mult, had_block): the oracle of kernels/triton_prologue_quant.py."""
+    return quantize_activation(apply_prologue(x, prologue, shift, scale, rows_per_sample, eps), mult, had_block, fmt,
+                               qmax)

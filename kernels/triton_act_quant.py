@@ -571,6 +571,7 @@ _INTERP_CHUNK = [("chunk", 16, 4, 2, 0, 1, 1), ("chunk", 32, 4, 1, 0, 2, 1), ("c
 _GPU_ROW = [(4, 0, 4), (1, 0, 4)]
 _INTERP_ROW = [(8, 64, 4), (4, 0, 4), (16, -1, 8), (4, -1, 4)]
 _LEGACY_ENV = "VIDITQ_AQ_LEGACY"  # 1: the tuner also times the legacy whole-row kernel; only: nothing else
+_PQ_ENV = "VIDITQ_AQ_PQ"  # 1 (default): the tuner also times the whole-row transform kernel ("pq"); 0: not
 
 
 def row_pieces(k: int):
@@ -629,10 +630,20 @@ def flat_block(k: int, had_block: int, sum_group: int, row_sum: bool) -> int:
     return 0
 
 
-def candidates(k: int, had_block: int, sum_group: int, row_sum: bool, m: int = 1 << 30, perm: int = 0):
-    """Valid launch candidates for this row shape (the first is the default under VIDITQ_TUNE=0)."""
+def candidates(k: int, had_block: int, sum_group: int, row_sum: bool, m: int = 1 << 30, perm: int = 0,
+               static: bool = False):
+    """Valid launch candidates for this row shape (the first is the default under VIDITQ_TUNE=0).
+
+    ("pq", rows, warps): triton_prologue_quant's whole-row kernel with no prologue (dynamic scales, no code sums or
+    reordering), the block Hadamard as a transform in registers; the tensor-core kernels below follow."""
+    from . import triton_prologue_quant as tpq  # it imports this module
+
     legacy = os.environ.get(_LEGACY_ENV, "1" if not INTERPRET else "0")
     out = []
+    pq = os.environ.get(_PQ_ENV, "1").strip() not in ("0", "")
+    if pq and legacy != "only" and not (static or sum_group or perm) and k <= tpq.MAX_K \
+            and tpq.had_supported(k, had_block):
+        out += [("pq",) + c for c in tpq.candidates(k, m, 0, had_block if had_block > 1 else 0)]
     if legacy != "only":
         fcw = flat_block(k, had_block, sum_group, row_sum)
         if fcw:
@@ -764,6 +775,21 @@ def launcher(c, k, dtype, device_str, had_block, pr, qmax, fmt, common_items):
     inv_sqrt_h = 1.0 / (had_block ** 0.5) if has_had else 1.0
     fmax = FP8_E4M3_MAX if fmt == "fp8" else float(qmax)
     dev = torch.device(device_str)
+    if c[0] == "pq":
+        from . import triton_prologue_quant as tpq
+
+        _, rows, nw = c
+        if common["STATIC"] or common["SUM_G"] or common["PERM"] or not tpq.had_supported(k, had_block):
+            raise ValueError(f"act-quant candidate {c} takes dynamic scales without code sums or reordering")
+        bk1, bk2 = tpq.pieces(k)
+        kw = dict(ROWS=rows, BK1=bk1, BK2=bk2, PROLOGUE=0, HAS_MULT=common["HAS_MULT"], ONE_SAMPLE=True,
+                  IS_FP8=fmt == "fp8", FP8_SOFT=INTERPRET, HAD=had_block if has_had else 0, num_warps=nw)
+
+        def fn(x2, mv, q, scale, qs, sscale, m, stride_sm):
+            return tpq._prologue_quant_kernel[(_cdiv(m, rows),)](x2, scale, scale, mv, q, scale, m, k, x2.stride(0),
+                                                                 q.stride(0), max(m, 1), 0, 0, 1e-6, fmax,
+                                                                 inv_sqrt_h, **kw)
+        return fn
     if c[0] in ("flat", "chunk"):
         _, bb, nw, occ, cw, pf, st = c
         hdt = {0: dtype, 1: torch.float16, 2: torch.bfloat16}[pr]
@@ -857,12 +883,15 @@ def quantize_activation(x, mult=None, had_block=0, fmt="int8", qmax=127, static_
     def launch(c):
         return launcher(c, *setup)(*args)
 
-    key = (k, m_bucket(m), x2.dtype, str(dev), had_block, pr, os.environ.get(_LEGACY_ENV, "")) + \
+    key = (k, m_bucket(m), x2.dtype, str(dev), had_block, pr, os.environ.get(_LEGACY_ENV, ""),
+           os.environ.get(_PQ_ENV, "")) + \
         tuple(common.values())
-    cands = candidates(k, had_block, int(sum_group), row_sum, m, perm)
-    # the variants of one row shape (code order, code sums, no rotation) reuse the configuration timed for the
-    # first one tuned (their kernels differ only in the store), instead of compiling and timing every candidate
-    base = (k, m_bucket(m), x2.dtype, str(dev), fmt, pr if has_had else had_precision(x2.dtype, True, prec))
+    cands = candidates(k, had_block, int(sum_group), row_sum, m, perm, static)
+    # the variants of one row shape (code order, code sums, static scale) reuse the configuration timed for the
+    # first one tuned (their kernels differ only in the store), instead of compiling and timing every candidate;
+    # not across rotation and no rotation ("pq" costs differ there) nor across the "pq" switch
+    base = (k, m_bucket(m), x2.dtype, str(dev), fmt, pr if has_had else had_precision(x2.dtype, True, prec),
+            has_had, os.environ.get(_PQ_ENV, ""))
     if key not in tuner.best and tuner.force is None and tuner.inherit.get(base) in cands:
         tuner.best[key] = tuner.inherit[base]
     c = tuner.pick(key, cands, launch)

@@ -117,7 +117,7 @@ def _check_speed(x2, w, m, k, n, act_fmt, run):
 
 # Environment variables that change which kernels a call takes: a layer keeps one plan per their values.
 _PLAN_ENV = ("VIDITQ_W4_PERM", "VIDITQ_W4_U4", "VIDITQ_W4_LAYOUT", "VIDITQ_TUNE", _aq.HAD_PREC_ENV, _aq._LEGACY_ENV,
-             _gemm._KINDS_ENV)
+             _aq._PQ_ENV, _gemm._KINDS_ENV)
 
 
 class LinearPlan:

@@ -5,8 +5,11 @@
     prologue "norm_modulate":       q, s = quantize((LN(x) * (1 + scale_b) + shift_b) * mult)
                                                                                (qkv / fc1 input: the residual x)
 LN has no affine weights (PixArt / OpenSORA norm1 / norm2); shift_b / scale_b are the adaLN vectors of the row's
-sample b = row // rows_per_sample. `mult` is the layer's smoothing vector (1/s). No rotation: rotated layers keep
-triton_act_quant's kernel (fusions.py only fuses unrotated layers).
+sample b = row // rows_per_sample. `mult` is the layer's smoothing vector (1/s, times the rotation's signs).
+With `had_block` > 1 the block Hadamard rotation follows `mult` (ViDiT-Q's rotated layers): a fast Walsh-Hadamard
+transform in registers (log2(block) add/subtract stages; triton lowers the stages whose pairs sit in other lanes
+to warp shuffles), not a matmul: whole rows per program leave too few rows for a tensor-core tile, and the
+matmul kernel of triton_act_quant was latency-bound at ~4.4x its byte floor (bench/NOTES_kernels.md).
 
 Why: under torch.compile Inductor fuses LayerNorm+modulate+quantize and GELU+quantize itself, but as looped
 reductions that read each row two or three times; on the H200 that was 4-7x the byte floor (bench/NOTES_e2e.md).
@@ -23,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .triton_act_quant import INTERPRET, Tuner, _cdiv, _next_pow2, _round_fp8_grid, m_bucket
-from .types import FP8_E4M3_MAX, SCALE_EPS, QuantizedActivation
+from .types import FP8_E4M3_MAX, MAX_FUSED_HAD, SCALE_EPS, QuantizedActivation
 
 PROLOGUES = {"none": 0, "gelu_tanh": 1, "gelu": 2, "norm_modulate": 3}
 assert SCALE_EPS == 1e-12  # the kernel writes this literal
@@ -105,11 +108,53 @@ def _act_piece(x, cols, cmask, MULT, PROLOGUE: tl.constexpr, HAS_MULT: tl.conste
 
 
 @triton.jit
+def _butterfly(x, R: tl.constexpr, C: tl.constexpr, STRIDE: tl.constexpr):
+    """One radix-2 stage on every row of x [R, C]: (x[i], x[i + STRIDE]) -> (sum, difference) for the i whose
+    STRIDE bit is clear."""
+    y = tl.permute(tl.reshape(x, [R, C // (2 * STRIDE), 2, STRIDE]), (0, 1, 3, 2))
+    a, b = tl.split(y)
+    return tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), [R, C])
+
+
+@triton.jit
+def _fwht(x, R: tl.constexpr, C: tl.constexpr, HAD: tl.constexpr):
+    """x [R, C] times the unnormalized Sylvester Hadamard matrix of size HAD in every block of HAD channels
+    (C % HAD == 0); the caller applies 1 / sqrt(HAD) to the row's scale."""
+    if HAD >= 2:
+        x = _butterfly(x, R, C, 1)
+    if HAD >= 4:
+        x = _butterfly(x, R, C, 2)
+    if HAD >= 8:
+        x = _butterfly(x, R, C, 4)
+    if HAD >= 16:
+        x = _butterfly(x, R, C, 8)
+    if HAD >= 32:
+        x = _butterfly(x, R, C, 16)
+    if HAD >= 64:
+        x = _butterfly(x, R, C, 32)
+    if HAD >= 128:
+        x = _butterfly(x, R, C, 64)
+    if HAD >= 256:
+        x = _butterfly(x, R, C, 128)
+    if HAD >= 512:
+        x = _butterfly(x, R, C, 256)
+    return x
+
+
+@triton.jit
+def _row_scale(amax, hscale, fmax):
+    """(scale to store, factor for the unnormalized transformed row): amax is the row's abs-max before the
+    Hadamard normalization hscale = 1 / sqrt(HAD) (1 without rotation)."""
+    amax = tl.maximum(amax * hscale, 1e-12)  # SCALE_EPS, as the reference
+    return amax / fmax, (fmax * hscale) / amax
+
+
+@triton.jit
 def _prologue_quant_kernel(X, SHIFT, SCL, MULT, Q, S,
-                           M, K, stride_xm, stride_qm, rows_per_sample, stride_shb, stride_scb, eps, fmax,
+                           M, K, stride_xm, stride_qm, rows_per_sample, stride_shb, stride_scb, eps, fmax, hscale,
                            ROWS: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr, PROLOGUE: tl.constexpr,
                            HAS_MULT: tl.constexpr, ONE_SAMPLE: tl.constexpr, IS_FP8: tl.constexpr,
-                           FP8_SOFT: tl.constexpr):
+                           FP8_SOFT: tl.constexpr, HAD: tl.constexpr):
     """ROWS whole rows per program, each held as two power-of-two pieces [0, BK1) + [BK1, BK1 + BK2) (1152 =
     1024 + 128, 4608 = 4096 + 512: no padded lanes where K is such a sum; BK2 = 0: one piece)."""
     pid = tl.program_id(0)
@@ -141,12 +186,15 @@ def _prologue_quant_kernel(X, SHIFT, SCL, MULT, Q, S,
         x1 = _act_piece(x1, c1, cm1, MULT, PROLOGUE, HAS_MULT)
         if BK2 > 0:
             x2 = _act_piece(x2, c2, cm2, MULT, PROLOGUE, HAS_MULT)
+    if HAD > 1:  # padded lanes are whole blocks of zeros (K and both pieces are multiples of HAD): they stay 0
+        x1 = _fwht(x1, ROWS, BK1, HAD)
+        if BK2 > 0:
+            x2 = _fwht(x2, ROWS, BK2, HAD)
     amax = tl.max(tl.abs(x1), axis=1)
     if BK2 > 0:
         amax = tl.maximum(amax, tl.max(tl.abs(x2), axis=1))
-    amax = tl.maximum(amax, 1e-12)  # SCALE_EPS, as the reference
-    tl.store(S + rows, amax / fmax, mask=rmask)
-    inv = fmax / amax
+    sc, inv = _row_scale(amax, hscale, fmax)
+    tl.store(S + rows, sc, mask=rmask)
     _store_codes(Q + rows64[:, None] * stride_qm + c1[None, :], x1 * inv[:, None], m1, fmax, IS_FP8, FP8_SOFT)
     if BK2 > 0:
         _store_codes(Q + rows64[:, None] * stride_qm + c2[None, :], x2 * inv[:, None], m2, fmax, IS_FP8,
@@ -154,11 +202,12 @@ def _prologue_quant_kernel(X, SHIFT, SCL, MULT, Q, S,
 
 
 @triton.jit
-def _gelu_quant_chunked_kernel(X, MULT, Q, S, M, K, stride_xm, stride_qm, fmax,
+def _gelu_quant_chunked_kernel(X, MULT, Q, S, M, K, stride_xm, stride_qm, fmax, hscale,
                                ROWS: tl.constexpr, CK: tl.constexpr, PROLOGUE: tl.constexpr,
-                               HAS_MULT: tl.constexpr, IS_FP8: tl.constexpr, FP8_SOFT: tl.constexpr):
-    """GELU prologue for wide rows (fc2's K = 4608): two passes over K in chunks of CK, the second re-reading x
-    from L2, instead of one whole row padded to a power of two in registers."""
+                               HAS_MULT: tl.constexpr, IS_FP8: tl.constexpr, FP8_SOFT: tl.constexpr,
+                               HAD: tl.constexpr):
+    """GELU prologue for wide rows (fc2's K = 4608): two passes over K in chunks of CK (a multiple of HAD), the
+    second re-reading x from L2 (and transforming it again), instead of one whole row in registers."""
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     rmask = rows < M
@@ -166,12 +215,15 @@ def _gelu_quant_chunked_kernel(X, MULT, Q, S, M, K, stride_xm, stride_qm, fmax,
     amax = tl.zeros([ROWS], dtype=tl.float32)
     for k0 in tl.range(0, K, CK, num_stages=3):
         x, cols, m2 = _gelu_chunk(X, MULT, rows64, rmask, k0, K, stride_xm, CK, PROLOGUE, HAS_MULT)
+        if HAD > 1:
+            x = _fwht(x, ROWS, CK, HAD)
         amax = tl.maximum(amax, tl.max(tl.where(m2, tl.abs(x), 0.0), axis=1))
-    amax = tl.maximum(amax, 1e-12)
-    tl.store(S + rows, amax / fmax, mask=rmask)
-    inv = fmax / amax
+    sc, inv = _row_scale(amax, hscale, fmax)
+    tl.store(S + rows, sc, mask=rmask)
     for k0 in tl.range(0, K, CK, num_stages=3):
         x, cols, m2 = _gelu_chunk(X, MULT, rows64, rmask, k0, K, stride_xm, CK, PROLOGUE, HAS_MULT)
+        if HAD > 1:
+            x = _fwht(x, ROWS, CK, HAD)
         _store_codes(Q + rows64[:, None] * stride_qm + cols[None, :], x * inv[:, None], m2, fmax, IS_FP8, FP8_SOFT)
 
 
@@ -187,16 +239,17 @@ def pieces(k: int):
     return bk1, (max(_next_pow2(rest), 16) if rest > 0 else 0)
 
 
-def candidates(k: int, m: int, pcode: int = 3):
+def candidates(k: int, m: int, pcode: int = 3, had_block: int = 0):
     """(rows per program, num_warps[, chunk]): whole rows per program with about 8-48 fp32 values per thread (up to
     144 for one row per program: a row on one warp reduces with shuffles alone, which won at K = 1152); for
     the GELU prologue at K >= 2048 also the two-pass chunked kernel (chunk of CK channels)."""
     lanes = sum(pieces(k))
     if INTERPRET:
-        return [(2, 4)] + ([(2, 4, 64)] if pcode in (1, 2) else [])
+        return [(2, 4)] + ([(2, 4, 64)] if pcode in (1, 2) and 64 % max(had_block, 1) == 0 else [])
     out = []
     if pcode in (1, 2) and k >= 2048:
-        out += [(r, nw, ck) for r, nw, ck in ((1, 4, 1024), (2, 4, 512), (4, 8, 512), (2, 8, 1024), (1, 8, 2048))]
+        out += [(r, nw, ck) for r, nw, ck in ((1, 4, 1024), (2, 4, 512), (4, 8, 512), (2, 8, 1024), (1, 8, 2048))
+                if ck % max(had_block, 1) == 0]
     for rows in (1, 2, 4, 8, 16):
         for nw in (1, 2, 4, 8, 16):
             per_thread = rows * lanes // (32 * nw)
@@ -214,13 +267,26 @@ def _as_rows(t: torch.Tensor, batch: int, k: int) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
+MAX_HAD = MAX_FUSED_HAD  # _fwht's stages
+
+
+def had_supported(k: int, had_block: int) -> bool:
+    """Can the kernel rotate rows of k channels by blocks of had_block (power of two; both pieces whole blocks)?"""
+    if had_block <= 1:
+        return True
+    if had_block & (had_block - 1) or had_block > MAX_HAD or k % had_block:
+        return False
+    return all(p % had_block == 0 for p in pieces(k) if p)
+
+
 def prologue_quantize(x, prologue, shift=None, scale=None, rows_per_sample=0, eps=1e-6, mult=None, fmt="int8",
-                      qmax=127):
+                      qmax=127, had_block=0):
     """Triton twin of reference.prologue_quantize; None when no kernel fits (caller uses the reference)."""
     if prologue not in PROLOGUES or fmt not in ("int8", "fp8"):
         raise ValueError(f"prologue_quantize: unknown prologue {prologue!r} or format {fmt!r}")
     k = x.shape[-1]
-    if k > MAX_K or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    had = int(had_block) if had_block and had_block > 1 else 0
+    if k > MAX_K or x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not had_supported(k, had):
         return None
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -251,21 +317,24 @@ def prologue_quantize(x, prologue, shift=None, scale=None, rows_per_sample=0, ep
         mult = mult.reshape(-1).to(device=dev).contiguous()
     fmax = FP8_E4M3_MAX if fmt == "fp8" else float(qmax)
     bk1, bk2 = pieces(k)
-    flags = dict(BK1=bk1, BK2=bk2, PROLOGUE=pcode, HAS_MULT=has_mult, IS_FP8=fmt == "fp8", FP8_SOFT=INTERPRET)
+    hscale = had ** -0.5 if had else 1.0
+    flags = dict(BK1=bk1, BK2=bk2, PROLOGUE=pcode, HAS_MULT=has_mult, IS_FP8=fmt == "fp8", FP8_SOFT=INTERPRET,
+                 HAD=had)
 
     def launch(c):
         rows, nw = c[:2]
         if len(c) == 3:
             return _gelu_quant_chunked_kernel[(_cdiv(m, rows),)](
-                x2, mult if has_mult else s, q, s, m, k, x2.stride(0), q.stride(0), fmax, ROWS=rows,
-                CK=c[2], PROLOGUE=pcode, HAS_MULT=has_mult, IS_FP8=fmt == "fp8", FP8_SOFT=INTERPRET, num_warps=nw)
+                x2, mult if has_mult else s, q, s, m, k, x2.stride(0), q.stride(0), fmax, hscale, ROWS=rows,
+                CK=c[2], PROLOGUE=pcode, HAS_MULT=has_mult, IS_FP8=fmt == "fp8", FP8_SOFT=INTERPRET, HAD=had,
+                num_warps=nw)
         return _prologue_quant_kernel[(_cdiv(m, rows),)](
             x2, sh, sc, mult if has_mult else s, q, s, m, k, x2.stride(0), q.stride(0), rows_per_sample,
-            stride_sh, stride_sc, float(eps), fmax, ROWS=rows, ONE_SAMPLE=rows_per_sample % rows == 0, num_warps=nw,
+            stride_sh, stride_sc, float(eps), fmax, hscale, ROWS=rows, ONE_SAMPLE=rows_per_sample % rows == 0, num_warps=nw,
             **flags)
 
     global last_config
-    key = (k, m_bucket(m), x2.dtype, str(dev), pcode, has_mult, fmt, os.environ.get("VIDITQ_TUNE", "1"))
-    last_config = tuner.pick(key, candidates(k, m, pcode), launch)
+    key = (k, m_bucket(m), x2.dtype, str(dev), pcode, has_mult, fmt, had, os.environ.get("VIDITQ_TUNE", "1"))
+    last_config = tuner.pick(key, candidates(k, m, pcode, had), launch)
     launch(last_config)
     return QuantizedActivation(q=q, scale=s)

@@ -8,6 +8,8 @@ import torch
 FP8_E4M3_MAX = 448.0
 # A token whose abs-max is below this quantizes to zeros with a harmless non-zero scale.
 SCALE_EPS = 1e-12
+# Largest Hadamard block the fused quantize kernel transforms (triton_prologue_quant._fwht's stages).
+MAX_FUSED_HAD = 512
 
 
 @dataclass

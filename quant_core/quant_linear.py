@@ -108,9 +108,10 @@ class QuantLinear(nn.Module):
         self._sim_weight = None
 
     def fusable(self) -> bool:
-        """Can a producer's elementwise work run in this layer's quantize kernel? (unrotated, dynamic scales,
-        symmetric int8 / fp8 weights: what kernels/triton_prologue_quant.py and the GEMM alone cover)"""
-        return (self.had_block <= 1 and self.static_scale is None and self.w_zero is None
+        """Can a producer's elementwise work run in this layer's quantize kernel? (dynamic scales, symmetric int8 /
+        fp8 weights, no rotation or a block Hadamard the kernel's transform covers: what
+        kernels/triton_prologue_quant.py and the GEMM alone cover)"""
+        return (self.had_block <= kernels.MAX_FUSED_HAD and self.static_scale is None and self.w_zero is None
                 and self.w_fmt in ("int8", "fp8") and self.a_bits == 8)
 
     def fused_view(self, input_act: Optional[str] = None, norm_eps: Optional[float] = None,
@@ -171,10 +172,10 @@ class QuantLinear(nn.Module):
         if res is not None:  # the output keeps the layer's own shape; gated_residual gives it the residual's
             return kernels.prologue_quant_linear(x, prologue, shift, scale, rows_per_sample, eps,
                                                  self.quantized_weight(), self.bias, self.act_mult, self.act_fmt,
-                                                 self.act_qmax, self.backend, *res)
+                                                 self.act_qmax, self.backend, *res, had_block=self.had_block)
         return kernels.prologue_quant_linear(x, prologue, shift, scale, rows_per_sample, eps,
                                              self.quantized_weight(), self.bias, self.act_mult, self.act_fmt,
-                                             self.act_qmax, self.backend)
+                                             self.act_qmax, self.backend, had_block=self.had_block)
 
     def _forward_plain(self, x: torch.Tensor) -> torch.Tensor:
         # torch.compile (fullgraph): everything here traces; kernels.quant_linear is one custom op in the graph

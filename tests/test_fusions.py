@@ -2,7 +2,8 @@
 
 Fused and unfused models must agree (they differ only in the fused path not rounding the producer's output to the
 model dtype before quantizing), the patches must restore cleanly, compile fullgraph, and leave alone what they
-cannot fuse (rotated layers, static scales, temporal STDiT3 blocks). ComfyUI's own PixArt block: see the
+cannot fuse (static scales, asymmetric / int4 weights, temporal STDiT3 blocks). Rotated layers fuse too: the
+kernel runs the block Hadamard after the prologue. ComfyUI's own PixArt block: see the
 ComfyUI test at the end."""
 import copy
 import dataclasses
@@ -46,7 +47,7 @@ def _config(preset):
     return get_preset(preset)
 
 
-@pytest.mark.parametrize("preset", ["w8a8-smoothquant", "w8a8-fp8-norot"])
+@pytest.mark.parametrize("preset", ["w8a8-smoothquant", "w8a8-fp8-norot", "w8a8", "w8a8-fp8"])
 def test_pixart_fused_matches_unfused_and_restores(preset):
     model = tiny_pixart(depth=2)
     args = _pixart_inputs()
@@ -78,8 +79,8 @@ def test_pixart_fused_matches_unfused_and_restores(preset):
 
 def test_what_cannot_fuse_is_left_alone(monkeypatch):
     model = tiny_pixart(depth=1)
-    rotated, _ = build_quant_layers(model, get_preset("w8a8"))  # block Hadamard rotation: not fusable
-    assert fusion_patches(model, rotated) == {}
+    int4, _ = build_quant_layers(model, get_preset("w4a8"))  # int4 weights: their GEMM reads reordered codes
+    assert fusion_patches(model, int4) == {}
     static, _ = build_quant_layers(model, get_preset("w8a8-naive"), calibrate(model, steps=1))  # static scales
     assert fusion_patches(model, static) == {}
     sq, _ = build_quant_layers(model, get_preset("w8a8-smoothquant"))

@@ -73,21 +73,23 @@ def _poisoned(m, k, fmt, sum_group):
     return q, scale, qsum
 
 
-def _pick(k, had, sg, m, mode, perm=0):
-    cands = taq.candidates(k, had, sg, bool(sg) and sg == k, m, perm)
+def _pick(k, had, sg, m, mode, perm=0, static=False):
+    cands = taq.candidates(k, had, sg, bool(sg) and sg == k, m, perm, static)
     by = {"flat": [c for c in cands if c[0] == "flat" and not c[5]],
           "flat_pf": [c for c in cands if c[0] == "flat" and c[5]],
           "chunk": [c for c in cands if c[0] == "chunk"],
-          "row": [c for c in cands if c[0] == "row"]}
+          "row": [c for c in cands if c[0] == "row"],
+          "pq": [c for c in cands if c[0] == "pq"]}
     return (by[mode] or by["chunk"])[0]
 
 
 def _run_aq(x, mult, had, fmt, qmax, static, sg, mode, prec=None, perm=False):
-    """Run the kernel in `mode` ('flat', 'flat_pf', 'chunk', 'row') into poisoned buffers."""
+    """Run the kernel in `mode` ('flat', 'flat_pf', 'chunk', 'row', 'pq') into poisoned buffers ('pq': the whole-row
+    transform kernel of triton_prologue_quant, offered for dynamic scales without code sums; else 'chunk')."""
     k = x.shape[-1]
     m = x.reshape(-1, k).shape[0]
     bufs = _poisoned(m, k, fmt, sg)
-    taq.tuner.force = _pick(k, had, sg, m, mode, taq.PERM_MODES[perm])
+    taq.tuner.force = _pick(k, had, sg, m, mode, taq.PERM_MODES[perm], static is not None)
     try:
         a = taq.quantize_activation(x, mult, had, fmt, qmax, static, sg, out=bufs, prec=prec, perm=perm)
     finally:
@@ -140,7 +142,7 @@ AQ_CASES = [
 ]
 
 
-@pytest.mark.parametrize("mode", ["flat", "flat_pf", "chunk"])
+@pytest.mark.parametrize("mode", ["flat", "flat_pf", "chunk", "pq"])
 @pytest.mark.parametrize("case", AQ_CASES, ids=lambda c: f"M{c[0]}K{c[1]}-{str(c[2])[6:]}-h{c[3]}-q{c[6]}-s{c[8]}")
 def test_act_quant_int8(case, mode):
     m, k, dt, had, use_mult, fmt, qmax, static, sg = case
@@ -164,7 +166,7 @@ def test_act_quant_legacy_row_kernel(case, monkeypatch):
 
 
 @fp8_only
-@pytest.mark.parametrize("mode", ["flat", "chunk"])
+@pytest.mark.parametrize("mode", ["flat", "chunk", "pq"])
 @pytest.mark.parametrize("m,k,dt,had,use_mult,static", [
     (7, 192, torch.bfloat16, 0, False, False), (129, 192, torch.float16, 64, True, False),
     (1, 1152, torch.float32, 128, True, False), (7, 192, torch.bfloat16, 0, True, True)])

@@ -44,6 +44,53 @@ def test_prologue_quant_matches_reference(prologue, m, k, fmt):
     _check(a, r, fmt)
 
 
+@pytest.mark.parametrize("prologue", ["none", "gelu_tanh", "norm_modulate"])
+@pytest.mark.parametrize("m,k,had", [(1, 1152, 128), (7, 1152, 128), (5, 96, 32), (130, 4608, 128), (3, 80, 16),
+                                     (2, 1536, 512)])
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_rotated_prologue_matches_reference(prologue, m, k, had, fmt):
+    """The block Hadamard (fast Walsh-Hadamard transform in the kernel) against the reference's fp32 matmul, with
+    the smoothing x signs vector in front, as ViDiT-Q's rotated layers call it; outputs poisoned first."""
+    dtype = torch.bfloat16 if fmt == "int8" else torch.float16
+    rows = m if m < 2 or m % 2 else m // 2
+    x, shift, scale, mult = _inputs(m, k, dtype, seed=m * 7 + k + had, batch=m // rows)
+    mult = mult * torch.where(torch.rand(k, generator=torch.Generator().manual_seed(k)) < 0.5, -1.0, 1.0)
+    x[0, :3] = torch.tensor([900.0, -900.0, 0.0])  # an outlier channel, which the rotation spreads over its block
+    args = (x, prologue, shift, scale, rows, 1e-6, mult, fmt, 448 if fmt == "fp8" else 127)
+    a = tpq.prologue_quantize(*args, had_block=had)
+    r = reference.prologue_quantize(*args, had_block=had)
+    assert a is not None
+    _check(a, r, fmt)
+    plain = reference.prologue_quantize(*args)  # the rotation really ran: without it the codes differ
+    assert (plain.q.float() - r.q.float()).abs().max() > 1
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_rotated_chunked_gelu_kernel(fmt):
+    x, _, _, mult = _inputs(5, 256, torch.bfloat16, seed=5)
+    x[1] = 0  # all-zero token
+    tpq.tuner.force = (2, 4, 64)
+    try:
+        a = tpq.prologue_quantize(x, "gelu_tanh", mult=mult, fmt=fmt, qmax=448 if fmt == "fp8" else 127,
+                                  had_block=32)
+    finally:
+        tpq.tuner.force = None
+    r = reference.prologue_quantize(x, "gelu_tanh", mult=mult, fmt=fmt, qmax=448 if fmt == "fp8" else 127,
+                                    had_block=32)
+    _check(a, r, fmt)
+    assert (a.q[1].float() == 0).all() and torch.isfinite(a.scale).all()
+
+
+def test_rotation_blocks_the_kernel_cannot_take():
+    """Blocks that are not whole within both row pieces (or not a power of two) give None: the caller then runs the
+    reference or another kernel."""
+    assert tpq.had_supported(1152, 128) and tpq.had_supported(4608, 128) and tpq.had_supported(72, 8)
+    assert not tpq.had_supported(1152, 256)  # K is not a multiple
+    assert not tpq.had_supported(96, 64)  # 96 = 64 + 32: the second piece is half a block
+    assert not tpq.had_supported(1152, 96) and not tpq.had_supported(2048, 1024)
+    assert tpq.prologue_quantize(torch.randn(4, 96), "none", had_block=64) is None
+
+
 def test_row_pieces():
     """Rows split into two power-of-two pieces: none padded where K is such a sum (the DiT widths)."""
     assert tpq.pieces(1152) == (1024, 128) and tpq.pieces(4608) == (4096, 512) and tpq.pieces(1024) == (1024, 0)

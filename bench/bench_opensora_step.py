@@ -127,14 +127,18 @@ def compiled_rows(result, args, model, layers, calib, step, ref, fp_s, cuda, pre
 
 
 def _top_kernels(step, top=14):
-    """{kernel name: ms} of one step's 14 costliest GPU kernels (torch.profiler)."""
+    """{kernel name: ms} of one step's 14 costliest GPU kernels (torch.profiler), and their total."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    rows = sorted(prof.key_averages(), key=lambda e: -getattr(e, "device_time_total", 0))[:top]
-    return {e.key[:90]: round(getattr(e, "device_time_total", 0) / 1e3, 3) for e in rows}
+    events = prof.key_averages()
+    rows = sorted(events, key=lambda e: -getattr(e, "device_time_total", 0))[:top]
+    out = {e.key[:90]: round(getattr(e, "device_time_total", 0) / 1e3, 3) for e in rows}
+    # all kernels' time: against the step's wall time it separates GPU-bound from host-bound steps
+    out["(all kernels)"] = round(sum(getattr(e, "device_time_total", 0) for e in events) / 1e3, 3)
+    return out
 
 
 def main():
@@ -204,6 +208,7 @@ def main():
     out = step().float()
     q_s = _time(step, args.reps, args.warmup, cuda)
     q_peak = torch.cuda.max_memory_allocated() if cuda else None
+    eager_top = _top_kernels(step) if args.profile and cuda else None
     replace_layers(model, fp_layers)  # back to FP16 (compiled rows below quantize afresh)
 
     result = {
@@ -221,6 +226,7 @@ def main():
         "layers_quantized": summary["layers_quantized"],
         "output_vs_fp": compare(ref, out),
         "build_seconds": build_s,
+        "eager_q_top_kernels_ms": eager_top,
         "notes": "random weights with planted outlier channels; one step at t=500 with CFG batch 2; calibration "
                  "from the same step",
     }

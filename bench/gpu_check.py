@@ -142,24 +142,32 @@ def check_compiled(rows):
             replace_layers(model, old)
 
 
+class _Printed(list):
+    """The rows, each printed as it comes (a run cut short by its time limit still shows what it checked)."""
+
+    def append(self, r):
+        super().append(r)
+        print({k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--only", default="compiled,layers,fused", help="which checks, in this order")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_check.py needs a CUDA GPU")
-    rows = []
-    check_compiled(rows)  # first: no device constant exists yet in this process
-    check_layers(rows)
-    check_fused(rows)
+    rows = _Printed()
+    checks = {"compiled": check_compiled, "layers": check_layers, "fused": check_fused}
+    for name in args.only.split(","):  # compiled first: no device constant exists yet in this process
+        checks[name](rows)
     gpu = torch.cuda.get_device_name()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"gpu_check_{gpu.lower().replace(' ', '_').replace('-', '_')}.json"
-    path.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "command": "python bench/gpu_check.py",
-                                "rows": rows}, indent=1))
-    for r in rows:
-        print({k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()})
+    path.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__,
+                                "command": "python bench/gpu_check.py " + " ".join(sys.argv[1:]),
+                                "rows": list(rows)}, indent=1))
     bad = [r for r in rows if not r["ok"]]
     print(f"\n{len(rows) - len(bad)} of {len(rows)} checks passed on {gpu}; wrote {path}")
     sys.exit(1 if bad else 0)

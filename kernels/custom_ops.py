@@ -4,8 +4,8 @@ opaque op each instead of tracing into Triton's host-side code.
   viditq::quant_linear         the QuantLinear call (kernels.dispatch.quant_linear) on plain tensors and scalars
   viditq::quantized_matmul     the GEMM alone, on activations quantized by compiled torch code (see dispatch:
                                Inductor then fuses the quantize into the op producing x: LayerNorm+modulate, GELU)
-  viditq::prologue_quantize    GELU or LayerNorm+modulate fused into the per-token quantize (q, scale), for the
-                               layers quant_core/fusions.py fuses (its GEMM is viditq::quantized_matmul)
+  viditq::prologue_quant_linear  a layer quant_core/fusions.py fuses: GELU or LayerNorm+modulate (or nothing), the
+                               smoothing and the rotation in the quantize, then the GEMM (+ the gated residual add)
   viditq::quantized_attention  the quantized attention call (kernels.dispatch.quantized_attention, which
                                quant_core.attention.quantized_attention calls)
 
@@ -26,7 +26,7 @@ Output layouts are fixed per op (Inductor asserts the real strides against the f
 Inference only: the outputs are marked non-differentiable (no gradient flows through a quantized op, as with the
 Triton kernels in eager), so compiled models also run with grad-requiring inputs (e.g. outside torch.no_grad).
 """
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -134,25 +134,32 @@ def _quantized_matmul_fake(q, scale, qsum, w_data, w_scale, w_zero, bias, w_fmt,
     return q.new_empty((q.shape[0], w_data.shape[0]), dtype=out_dtype)
 
 
-# ---- viditq::prologue_quantize -----------------------------------------------------------------------------------
-def _prologue_quantize(x: torch.Tensor, prologue: str, shift: Optional[torch.Tensor], scale: Optional[torch.Tensor],
-                       rows_per_sample: int, eps: float, mult: Optional[torch.Tensor], fmt: str, qmax: int,
-                       backend: str, had_block: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(q [M, K], scale [M]) = per-token quantize of H(prologue(x) * mult) (dispatch.prologue_quant_linear)."""
+# ---- viditq::prologue_quant_linear (a fused layer: producer + quantize, GEMM + epilogue) ----------------------------
+def _prologue_quant_linear(x: torch.Tensor, prologue: str, shift: Optional[torch.Tensor],
+                           scale: Optional[torch.Tensor], rows_per_sample: int, eps: float, w_data: torch.Tensor,
+                           w_scale: torch.Tensor, w_zero: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                           mult: Optional[torch.Tensor], w_fmt: str, in_features: int, group_size: int, act_fmt: str,
+                           act_qmax: int, backend: str, residual: Optional[torch.Tensor], gate: Optional[torch.Tensor],
+                           res_rows: int, had_block: int) -> torch.Tensor:
+    """[M, N] = quantize(H(prologue(x) * mult)) @ W^T + bias (+ the gated residual add), dispatch.prologue_quant_linear
+    as one op: one dispatch per layer, and eager's launch plan serves compiled calls too."""
     from . import dispatch
 
-    a = dispatch.prologue_quantize_impl(x, prologue, shift, scale, rows_per_sample, eps, mult, fmt, qmax, backend,
-                                        had_block)
-    return a.q.contiguous(), a.scale.contiguous()
+    w = QuantizedWeight(data=w_data, scale=w_scale, zero=w_zero, fmt=w_fmt, in_features=in_features,
+                        group_size=group_size)
+    return dispatch.prologue_quant_linear_impl(x, prologue, shift, scale, rows_per_sample, eps, w, bias, mult, act_fmt,
+                                               act_qmax, backend, residual, gate, res_rows, had_block).contiguous()
 
 
-def _prologue_quantize_fake(x, prologue, shift, scale, rows_per_sample, eps, mult, fmt, qmax, backend, had_block=0):
-    x2 = x.reshape(-1, x.shape[-1])
-    q = x2.new_empty(x2.shape, dtype=torch.float8_e4m3fn if fmt == "fp8" else torch.int8)
-    return q, x2.new_empty(x2.shape[:1], dtype=torch.float32)
+def _prologue_quant_linear_fake(x, prologue, shift, scale, rows_per_sample, eps, w_data, w_scale, w_zero, bias, mult,
+                                w_fmt, in_features, group_size, act_fmt, act_qmax, backend, residual, gate, res_rows,
+                                had_block):
+    torch._check(x.shape[-1] == in_features,
+                 lambda: f"prologue_quant_linear: input has {x.shape[-1]} features, the layer {in_features}")
+    return x.new_empty((x.numel() // x.shape[-1], w_data.shape[0]))
 
 
 quant_linear = _define("quant_linear", _quant_linear, _quant_linear_fake)
 quantized_matmul = _define("quantized_matmul", _quantized_matmul, _quantized_matmul_fake)
-prologue_quantize = _define("prologue_quantize", _prologue_quantize, _prologue_quantize_fake)
+prologue_quant_linear = _define("prologue_quant_linear", _prologue_quant_linear, _prologue_quant_linear_fake)
 quantized_attention = _define("quantized_attention", _quantized_attention, _quantized_attention_fake)

@@ -163,15 +163,30 @@ def prologue_quant_linear(x: torch.Tensor, prologue: str, shift: Optional[torch.
             gate2 = gate.reshape(-1, n)
             gate2 = gate2 if gate2.stride(-1) == 1 else gate2.contiguous()
     if torch.compiler.is_compiling():
-        q, s = custom_ops.prologue_quantize(x, prologue, shift, scale, rows_per_sample, eps, mult, act_fmt,
-                                            act_qmax, backend or "auto", int(had_block))
-        y = custom_ops.quantized_matmul(q, s, None, w.data, w.scale, w.zero, bias, w.fmt, w.in_features,
-                                        w.group_size, x.dtype, backend or "auto", res2, gate2, int(res_rows))
+        y = custom_ops.prologue_quant_linear(x, prologue, shift, scale, int(rows_per_sample), float(eps), w.data,
+                                             w.scale, w.zero, bias, mult, w.fmt, w.in_features, w.group_size, act_fmt,
+                                             act_qmax, backend or "auto", res2, gate2, int(res_rows), int(had_block))
     else:
-        a = prologue_quantize_impl(x, prologue, shift, scale, rows_per_sample, eps, mult, act_fmt, act_qmax,
-                                   backend, had_block)
-        y = quantized_matmul_impl(a, w, bias, x.dtype, backend, res2, gate2, int(res_rows))
+        y = prologue_quant_linear_impl(x, prologue, shift, scale, rows_per_sample, eps, w, bias, mult, act_fmt,
+                                       act_qmax, backend, res2, gate2, res_rows, had_block)
     return y.reshape(*x.shape[:-1], n)
+
+
+def prologue_quant_linear_impl(x, prologue, shift, scale, rows_per_sample, eps, w, bias, mult=None, act_fmt="int8",
+                               act_qmax=127, backend: Optional[str] = "auto", residual=None, gate=None, res_rows=0,
+                               had_block=0) -> torch.Tensor:
+    """prologue_quant_linear's implementation on [M, N] (residual, gate as [M, N] / [B', N]): on the GPU the layer's
+    cached launch plan (triton_ops.prologue_quant_linear), else the quantize then the GEMM, each where it runs."""
+    if resolve_backend(backend, x.device) == "triton":
+        from . import triton_ops
+
+        y = triton_ops.prologue_quant_linear(x, prologue, shift, scale, rows_per_sample, eps, w, bias, mult, act_fmt,
+                                             act_qmax, had_block, residual, gate, res_rows)
+        if y is not None:
+            return y
+    a = prologue_quantize_impl(x, prologue, shift, scale, rows_per_sample, eps, mult, act_fmt, act_qmax, backend,
+                               had_block)
+    return quantized_matmul_impl(a, w, bias, x.dtype, backend, residual, gate, int(res_rows))
 
 
 def prologue_quantize_impl(x, prologue, shift=None, scale=None, rows_per_sample=0, eps=1e-6, mult=None,

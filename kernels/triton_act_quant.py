@@ -643,7 +643,8 @@ def candidates(k: int, had_block: int, sum_group: int, row_sum: bool, m: int = 1
     pq = os.environ.get(_PQ_ENV, "1").strip() not in ("0", "")
     if pq and legacy != "only" and not (static or sum_group or perm) and k <= tpq.MAX_K \
             and tpq.had_supported(k, had_block):
-        out += [("pq",) + c for c in tpq.candidates(k, m, 0, had_block if had_block > 1 else 0)]
+        # one or two rows per program (one warp per row won for the plain quantize: session 12)
+        out += [("pq",) + c for c in tpq.candidates(k, m, 0, had_block if had_block > 1 else 0) if c[0] <= 2]
     if legacy != "only":
         fcw = flat_block(k, had_block, sum_group, row_sum)
         if fcw:
@@ -781,14 +782,10 @@ def launcher(c, k, dtype, device_str, had_block, pr, qmax, fmt, common_items):
         _, rows, nw = c
         if common["STATIC"] or common["SUM_G"] or common["PERM"] or not tpq.had_supported(k, had_block):
             raise ValueError(f"act-quant candidate {c} takes dynamic scales without code sums or reordering")
-        bk1, bk2 = tpq.pieces(k)
-        kw = dict(ROWS=rows, BK1=bk1, BK2=bk2, PROLOGUE=0, HAS_MULT=common["HAS_MULT"], ONE_SAMPLE=True,
-                  IS_FP8=fmt == "fp8", FP8_SOFT=INTERPRET, HAD=had_block if has_had else 0, num_warps=nw)
+        run = tpq.launcher((rows, nw), k, 0, common["HAS_MULT"], fmt, had_block if has_had else 0, 1e-6, fmax)
 
         def fn(x2, mv, q, scale, qs, sscale, m, stride_sm):
-            return tpq._prologue_quant_kernel[(_cdiv(m, rows),)](x2, scale, scale, mv, q, scale, m, k, x2.stride(0),
-                                                                 q.stride(0), max(m, 1), 0, 0, 1e-6, fmax,
-                                                                 inv_sqrt_h, **kw)
+            return run(x2, scale, scale, mv, q, scale, m, max(m, 1), 0, 0)
         return fn
     if c[0] in ("flat", "chunk"):
         _, bb, nw, occ, cw, pf, st = c

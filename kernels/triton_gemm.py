@@ -704,9 +704,9 @@ def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False, return_launc
     perm_mode = {False: 0, None: 0, 0: 0, True: 1, 1: 1, "parity": 1, 2: 2, "perm32": 2}[a_perm]
     if not supported(a_fmt, w):
         return None
-    if residual is not None and (w.fmt == "int4" or perm_mode or return_launch or residual.stride(-1) != 1
+    if residual is not None and (w.fmt == "int4" or perm_mode or residual.stride(-1) != 1
                                  or (gate is not None and gate.stride(-1) != 1)):
-        return None  # the swapped W4A8 kernels and launch plans carry no residual
+        return None  # the swapped W4A8 kernels carry no residual
     q = a.q if a.q.stride(-1) == 1 else a.q.contiguous()
     m, k = q.shape
     n = w.out_features
@@ -726,6 +726,8 @@ def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False, return_launc
     c = out if out is not None else torch.empty((m, n), device=dev, dtype=out_dtype)
     if m == 0 or n == 0:
         return (c, None) if return_launch else c
+    # (with return_launch, the launch is fn(q, a_scale, a_qsum, wd, ws, wz, bias_or_scale, c, m[, res, gate,
+    # res_rows]): the non-swapped kernels take the residual too)
     wd = w.data if w.data.is_contiguous() else w.data.contiguous()
     ws = w.scale.float().contiguous()
     wz = w.zero.float().contiguous() if has_zero else ws

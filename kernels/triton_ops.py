@@ -14,6 +14,7 @@ import torch
 from . import reference
 from . import triton_act_quant as _aq
 from . import triton_gemm as _gemm
+from . import triton_prologue_quant as _pq
 
 log = logging.getLogger("vidit_q.kernels")
 _noted = set()
@@ -170,6 +171,81 @@ def _plan_key(x2, bias, mult, had_block, act_fmt, act_qmax, static_scale, sum_gr
     return (min(1 << (m - 1).bit_length(), 65536), x2.dtype, x2.device, None if bias is None else bias.dtype,
             mult is None, static_scale is None, had_block, act_fmt, act_qmax, sum_group,
             tuple(map(_ENV_DATA.get, _ENV_KEYS)))
+
+
+class FusedPlan:
+    """A fused layer's tuned call (triton_prologue_quant's producer + quantize kernel, then the GEMM with its epilogue
+    and, when armed, the gated residual add) for one token-count bucket: what LinearPlan is for plain layers. Eager
+    sampling and compiled graphs without CUDA graphs call every fused layer once per block per step; the full path's
+    checks, tuner lookups and argument setup cost ~2-3x the two launches themselves on the GPU's host."""
+
+    __slots__ = ("quant", "gemm", "k", "n", "qdtype", "norm")
+
+    def __init__(self, quant, gemm, k, n, qdtype, norm):
+        self.quant, self.gemm, self.k, self.n, self.qdtype, self.norm = quant, gemm, k, n, qdtype, norm
+
+    def __call__(self, x2, shift, scale, rows_per_sample, w, bias, mult, residual, gate, res_rows):
+        m, k = x2.shape
+        dev = x2.device
+        q = torch.empty((m, k), device=dev, dtype=self.qdtype)
+        s = torch.empty((m,), device=dev, dtype=torch.float32)
+        if self.norm:
+            rps = int(rows_per_sample)
+            if rps <= 0 or m % rps:
+                raise ValueError(f"norm_modulate: {m} rows are not whole samples of {rps} rows")
+            sh, sc = _pq._as_rows(shift, m // rps, k), _pq._as_rows(scale, m // rps, k)
+            self.quant(x2, sh, sc, s if mult is None else mult, q, s, m, rps, sh.stride(0) if sh.shape[0] > 1 else 0,
+                       sc.stride(0) if sc.shape[0] > 1 else 0)
+        else:
+            self.quant(x2, s, s, s if mult is None else mult, q, s, m, max(m, 1), 0, 0)
+        c = torch.empty((m, self.n), device=dev, dtype=x2.dtype)
+        bias_t = s if bias is None else bias
+        if residual is None:
+            self.gemm(q, s, None, w.data, w.scale, w.scale, bias_t, c, m)
+        else:
+            _gemm.check_residual(residual, gate, res_rows, m, self.n)
+            self.gemm(q, s, None, w.data, w.scale, w.scale, bias_t, c, m, residual, gate, res_rows)
+        return c
+
+
+def prologue_quant_linear(x, prologue, shift, scale, rows_per_sample, eps, w, bias, mult=None, act_fmt="int8",
+                          act_qmax=127, had_block=0, residual=None, gate=None, res_rows=0):
+    """dispatch.prologue_quant_linear on the GPU: [M, N] in x's dtype, or None where no kernel fits (the caller then
+    runs the quantize and the GEMM separately). The first call per token-count bucket takes the full path and leaves
+    a FusedPlan on the weight tensor; later calls with the same kind of arguments run the plan."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    forced = _pq.tuner.force is not None or _gemm.tuner.force is not None
+    had = int(had_block) if had_block and had_block > 1 else 0
+    plannable = (not forced and m > 0 and _plain(x2, w, mult, bias) and w.zero is None
+                 and (residual is None or (residual.stride(-1) == 1 and (gate is None or gate.stride(-1) == 1))))
+    key = None
+    if plannable:
+        key = (min(1 << (m - 1).bit_length(), 65536), x2.dtype, x2.device, None if bias is None else bias.dtype,
+               mult is None, prologue, had, act_fmt, act_qmax, float(eps), residual is None, gate is None,
+               tuple(map(_ENV_DATA.get, _ENV_KEYS)))
+        plan = getattr(w.data, "_viditq_fused_plans", {}).get(key)
+        if plan is not None:
+            return plan(x2, shift, scale, rows_per_sample, w, bias, mult, residual, gate, res_rows)
+    if act_fmt == "fp8" and not fp8_ok(x.device):
+        return None
+    got = _pq.prologue_quantize(x2, prologue, shift, scale, rows_per_sample, eps, mult, act_fmt, act_qmax, had,
+                                return_launch=True)
+    if got is None:
+        return None
+    a, quant_fn = got
+    got = _gemm.quantized_matmul(a, w, bias, x.dtype, return_launch=True, residual=residual, gate=gate,
+                                 res_rows=res_rows)
+    if got is None:  # no GEMM (or no residual epilogue) for this weight format: the general path
+        return quantized_matmul(a, w, bias, x.dtype, residual, gate, res_rows)
+    y, gemm_fn = got
+    if plannable and quant_fn is not None and gemm_fn is not None:
+        _gemm.tensor_cache(w.data, "_viditq_fused_plans")[key] = FusedPlan(
+            quant_fn, gemm_fn, k, w.out_features, a.q.dtype, prologue == "norm_modulate")
+    return y
 
 
 def quant_linear(x, w, bias, mult=None, had_block=0, act_fmt="int8", act_qmax=127, static_scale=None,

@@ -19,6 +19,7 @@ its byte floor (bench/NOTES_kernels.md, session 12).
 The reference twin is kernels.reference.prologue_quantize (fp32 throughout, no bf16 rounding between the
 prologue and the quantize, as here).
 """
+import functools
 import os
 
 import torch
@@ -280,8 +281,9 @@ def had_supported(k: int, had_block: int) -> bool:
 
 
 def prologue_quantize(x, prologue, shift=None, scale=None, rows_per_sample=0, eps=1e-6, mult=None, fmt="int8",
-                      qmax=127, had_block=0):
-    """Triton twin of reference.prologue_quantize; None when no kernel fits (caller uses the reference)."""
+                      qmax=127, had_block=0, return_launch=False):
+    """Triton twin of reference.prologue_quantize; None when no kernel fits (caller uses the reference).
+    return_launch: (activation, the tuned launch for this row shape: launcher's fn) instead."""
     if prologue not in PROLOGUES or fmt not in ("int8", "fp8"):
         raise ValueError(f"prologue_quantize: unknown prologue {prologue!r} or format {fmt!r}")
     k = x.shape[-1]
@@ -296,7 +298,8 @@ def prologue_quantize(x, prologue, shift=None, scale=None, rows_per_sample=0, ep
     q = torch.empty((m, k), device=dev, dtype=torch.float8_e4m3fn if fmt == "fp8" else torch.int8)
     s = torch.empty((m,), device=dev, dtype=torch.float32)
     if m == 0:
-        return QuantizedActivation(q=q, scale=s)
+        a = QuantizedActivation(q=q, scale=s)
+        return (a, None) if return_launch else a
     pcode = PROLOGUES[prologue]
     if pcode == 3:
         rows_per_sample = int(rows_per_sample)
@@ -316,25 +319,40 @@ def prologue_quantize(x, prologue, shift=None, scale=None, rows_per_sample=0, ep
     if has_mult and (mult.device != dev or not mult.is_contiguous() or mult.dim() != 1):
         mult = mult.reshape(-1).to(device=dev).contiguous()
     fmax = FP8_E4M3_MAX if fmt == "fp8" else float(qmax)
-    bk1, bk2 = pieces(k)
-    hscale = had ** -0.5 if had else 1.0
-    flags = dict(BK1=bk1, BK2=bk2, PROLOGUE=pcode, HAS_MULT=has_mult, IS_FP8=fmt == "fp8", FP8_SOFT=INTERPRET,
-                 HAD=had)
+    setup = (k, pcode, has_mult, fmt, had, float(eps), fmax)
+    args = (x2, sh, sc, mult if has_mult else s, q, s, m, rows_per_sample, stride_sh, stride_sc)
 
     def launch(c):
-        rows, nw = c[:2]
-        if len(c) == 3:
-            return _gelu_quant_chunked_kernel[(_cdiv(m, rows),)](
-                x2, mult if has_mult else s, q, s, m, k, x2.stride(0), q.stride(0), fmax, hscale, ROWS=rows,
-                CK=c[2], PROLOGUE=pcode, HAS_MULT=has_mult, IS_FP8=fmt == "fp8", FP8_SOFT=INTERPRET, HAD=had,
-                num_warps=nw)
-        return _prologue_quant_kernel[(_cdiv(m, rows),)](
-            x2, sh, sc, mult if has_mult else s, q, s, m, k, x2.stride(0), q.stride(0), rows_per_sample,
-            stride_sh, stride_sc, float(eps), fmax, hscale, ROWS=rows, ONE_SAMPLE=rows_per_sample % rows == 0, num_warps=nw,
-            **flags)
+        return launcher(c, *setup)(*args)
 
     global last_config
     key = (k, m_bucket(m), x2.dtype, str(dev), pcode, has_mult, fmt, had, os.environ.get("VIDITQ_TUNE", "1"))
     last_config = tuner.pick(key, candidates(k, m, pcode, had), launch)
     launch(last_config)
-    return QuantizedActivation(q=q, scale=s)
+    a = QuantizedActivation(q=q, scale=s)
+    return (a, launcher(last_config, *setup)) if return_launch else a
+
+
+@functools.lru_cache(maxsize=256)
+def launcher(c, k, pcode, has_mult, fmt, had, eps, fmax):
+    """The launch of candidate c for one row shape with everything but the tensors bound once:
+    fn(x2, shift_rows, scale_rows, mult_or_s, q, s, m, rows_per_sample, stride_sh, stride_sc) (a fused layer's launch
+    plan keeps it: triton_ops.FusedPlan)."""
+    rows, nw = c[:2]
+    hscale = had ** -0.5 if had else 1.0
+    is_fp8 = fmt == "fp8"
+    if len(c) == 3:
+        def fn(x2, sh, sc, mv, q, s, m, rows_per_sample, stride_sh, stride_sc):
+            return _gelu_quant_chunked_kernel[(_cdiv(m, rows),)](
+                x2, mv, q, s, m, k, x2.stride(0), q.stride(0), fmax, hscale, ROWS=rows, CK=c[2], PROLOGUE=pcode,
+                HAS_MULT=has_mult, IS_FP8=is_fp8, FP8_SOFT=INTERPRET, HAD=had, num_warps=nw)
+        return fn
+    bk1, bk2 = pieces(k)
+    flags = dict(BK1=bk1, BK2=bk2, PROLOGUE=pcode, HAS_MULT=has_mult, IS_FP8=is_fp8, FP8_SOFT=INTERPRET, HAD=had,
+                 ROWS=rows, num_warps=nw)
+
+    def fn(x2, sh, sc, mv, q, s, m, rows_per_sample, stride_sh, stride_sc):
+        return _prologue_quant_kernel[(_cdiv(m, rows),)](
+            x2, sh, sc, mv, q, s, m, k, x2.stride(0), q.stride(0), rows_per_sample, stride_sh, stride_sc, eps, fmax,
+            hscale, ONE_SAMPLE=rows_per_sample % rows == 0, **flags)
+    return fn

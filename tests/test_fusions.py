@@ -166,8 +166,8 @@ def test_simulated_and_reference_paths_agree():
 
 
 def test_fused_pixart_compiles_fullgraph(monkeypatch):
-    """One graph, no breaks; the fused layers are viditq.prologue_quantize + viditq.quantized_matmul, the others
-    keep their ops; compiled equals eager."""
+    """One graph, no breaks; each fused layer is one viditq.prologue_quant_linear, the others keep their ops
+    (quantize in torch + viditq.quantized_matmul); compiled equals eager."""
     monkeypatch.setenv(dispatch.COMPILE_QUANT_ENV, "torch")
     torch._dynamo.reset()
     counters.clear()
@@ -180,8 +180,8 @@ def test_fused_pixart_compiles_fullgraph(monkeypatch):
         assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
         ops = [str(n.target) for n in explained.graphs[0].graph.nodes if n.op == "call_function"]
         # qkv, fc1 (norm_modulate), fc2 (gelu), attn.proj and cross_attn.proj ("none")
-        assert ops.count("viditq.prologue_quantize.default") == 5
-        assert ops.count("viditq.quantized_matmul.default") == 7
+        assert ops.count("viditq.prologue_quant_linear.default") == 5
+        assert ops.count("viditq.quantized_matmul.default") == 2  # cross-attention q and kv
         torch._dynamo.reset()
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
         with torch.no_grad():
@@ -192,18 +192,21 @@ def test_fused_pixart_compiles_fullgraph(monkeypatch):
         torch._dynamo.reset()
 
 
-def test_prologue_quantize_op_passes_opcheck():
+def test_prologue_quant_linear_op_passes_opcheck():
     from viditq.kernels import custom_ops
+    from viditq.kernels.reference import quantize_activation
 
     x = torch.randn(2, 5, 32)
     ada = torch.randn(2, 6, 32).chunk(6, dim=1)
-    result = torch.library.opcheck(custom_ops.prologue_quantize,
-                                   (x, "norm_modulate", ada[0], ada[1], 5, 1e-6, torch.rand(32) + 0.5, "int8", 127,
-                                    "auto"))
-    assert all(v == "SUCCESS" for v in result.values()), result
-    result = torch.library.opcheck(custom_ops.prologue_quantize, (x, "gelu_tanh", None, None, 0, 1e-6, None, "fp8",
-                                                                  448, "auto"))
-    assert all(v == "SUCCESS" for v in result.values()), result
+    w = torch.randn(24, 32)
+    wq = quantize_activation(w)  # per-row int8 codes + scales: a per-output-channel int8 weight
+    res, gate = torch.randn(10, 24), torch.randn(2, 24)
+    for args in ((x, "norm_modulate", ada[0], ada[1], 5, 1e-6, wq.q, wq.scale, None, torch.randn(24),
+                  torch.rand(32) + 0.5, "int8", 32, 0, "int8", 127, "auto", res, gate, 5, 16),
+                 (x, "gelu_tanh", None, None, 0, 1e-6, wq.q, wq.scale, None, None, None, "int8", 32, 0, "int8", 127,
+                  "auto", None, None, 0, 0)):
+        result = torch.library.opcheck(custom_ops.prologue_quant_linear, args)
+        assert all(v == "SUCCESS" for v in result.values()), result
 
 
 @pytest.mark.parametrize("version", ["1.0", "1.2"])

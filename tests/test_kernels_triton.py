@@ -525,6 +525,42 @@ def test_quant_linear_plan_takes_the_call_tensors():
         gc.enable()
 
 
+@pytest.mark.parametrize("prologue,had,residual,fmt", [
+    ("norm_modulate", 128, True, "int8"), ("gelu_tanh", 0, False, "int8"), ("none", 64, True, "int8"),
+    pytest.param("norm_modulate", 0, True, "fp8", marks=fp8_only)])
+def test_fused_layer_plan_reuse(prologue, had, residual, fmt, monkeypatch):
+    """triton_ops.prologue_quant_linear (a fused layer: producer + quantize, GEMM + epilogue): the second call at a
+    token bucket runs the cached FusedPlan, with the same results as the full path (per-sample adaLN vectors, the
+    rotation, the gated residual); a call of another kind (no residual) makes its own plan."""
+    k, n, rows = 256, 72, 2
+    w = make_w(n, k, fmt)
+    mult = torch.rand(k) + 0.5
+    bias = torch.randn(n).to(torch.bfloat16)
+
+    def check(m, seed, with_res):
+        g = torch.Generator().manual_seed(seed)
+        x = make_x(m, k, torch.float32, seed=seed).to(torch.bfloat16)
+        ada = torch.randn(m // rows, 6, k, generator=g).to(torch.bfloat16)
+        res = gate = None
+        if with_res:
+            res = torch.randn(m, n, generator=g).to(torch.bfloat16)
+            gate = torch.randn(m // rows, n, generator=g).to(torch.bfloat16)
+        y = triton_ops.prologue_quant_linear(x, prologue, ada[:, 0:1], ada[:, 1:2], rows, 1e-6, w, bias, mult, fmt,
+                                             127, had, res, gate, rows)
+        a = reference.prologue_quantize(x, prologue, ada[:, 0:1], ada[:, 1:2], rows, 1e-6, mult, fmt, 127, had)
+        r = reference.quantized_matmul(a, w, bias, torch.float64, res, gate, rows)
+        assert y.shape == (m, n) and rel_err(y, r) < (2e-2 if fmt == "fp8" else 1e-2)
+
+    check(8, 1, residual)
+    assert len(w.data._viditq_fused_plans) == 1
+    monkeypatch.setattr(triton_ops._pq, "prologue_quantize", lambda *a, **kw: pytest.fail("the full path ran again"))
+    check(8, 2, residual)  # bucket 8 again: the plan, on new inputs
+    check(6, 3, residual)  # 3 samples in the same bucket
+    monkeypatch.undo()
+    check(8, 4, not residual)  # the other kind of call: its own plan
+    assert len(w.data._viditq_fused_plans) == 2
+
+
 def test_quant_linear_unsupported_is_none():
     x = torch.randn(4, 192)
     assert triton_ops.quant_linear(x, make_w(8, 192, "int8"), None, None, 0, "fp8", 127, None, 0) is None

@@ -121,24 +121,9 @@ def _butterfly(x, R: tl.constexpr, C: tl.constexpr, STRIDE: tl.constexpr):
 def _fwht(x, R: tl.constexpr, C: tl.constexpr, HAD: tl.constexpr):
     """x [R, C] times the unnormalized Sylvester Hadamard matrix of size HAD in every block of HAD channels
     (C % HAD == 0); the caller applies 1 / sqrt(HAD) to the row's scale."""
-    if HAD >= 2:
-        x = _butterfly(x, R, C, 1)
-    if HAD >= 4:
-        x = _butterfly(x, R, C, 2)
-    if HAD >= 8:
-        x = _butterfly(x, R, C, 4)
-    if HAD >= 16:
-        x = _butterfly(x, R, C, 8)
-    if HAD >= 32:
-        x = _butterfly(x, R, C, 16)
-    if HAD >= 64:
-        x = _butterfly(x, R, C, 32)
-    if HAD >= 128:
-        x = _butterfly(x, R, C, 64)
-    if HAD >= 256:
-        x = _butterfly(x, R, C, 128)
-    if HAD >= 512:
-        x = _butterfly(x, R, C, 256)
+    for i in tl.static_range(9):  # strides 1 .. 256: HAD <= MAX_HAD = 512
+        if (1 << i) < HAD:
+            x = _butterfly(x, R, C, 1 << i)
     return x
 
 

@@ -191,11 +191,8 @@ class FusedPlan:
         s = torch.empty((m,), device=dev, dtype=torch.float32)
         if self.norm:
             rps = int(rows_per_sample)
-            if rps <= 0 or m % rps:
-                raise ValueError(f"norm_modulate: {m} rows are not whole samples of {rps} rows")
-            sh, sc = _pq._as_rows(shift, m // rps, k), _pq._as_rows(scale, m // rps, k)
-            self.quant(x2, sh, sc, s if mult is None else mult, q, s, m, rps, sh.stride(0) if sh.shape[0] > 1 else 0,
-                       sc.stride(0) if sc.shape[0] > 1 else 0)
+            sh, sc, stride_sh, stride_sc = _pq.adaln_rows(shift, scale, m, rps, k)
+            self.quant(x2, sh, sc, s if mult is None else mult, q, s, m, rps, stride_sh, stride_sc)
         else:
             self.quant(x2, s, s, s if mult is None else mult, q, s, m, max(m, 1), 0, 0)
         c = torch.empty((m, self.n), device=dev, dtype=x2.dtype)

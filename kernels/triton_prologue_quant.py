@@ -121,7 +121,7 @@ def _butterfly(x, R: tl.constexpr, C: tl.constexpr, STRIDE: tl.constexpr):
 def _fwht(x, R: tl.constexpr, C: tl.constexpr, HAD: tl.constexpr):
     """x [R, C] times the unnormalized Sylvester Hadamard matrix of size HAD in every block of HAD channels
     (C % HAD == 0); the caller applies 1 / sqrt(HAD) to the row's scale."""
-    for i in tl.static_range(9):  # strides 1 .. 256: HAD <= MAX_HAD = 512
+    for i in tl.static_range(9):  # strides 1 .. 256: HAD <= MAX_FUSED_HAD = 512
         if (1 << i) < HAD:
             x = _butterfly(x, R, C, 1 << i)
     return x
@@ -253,16 +253,25 @@ def _as_rows(t: torch.Tensor, batch: int, k: int) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-MAX_HAD = MAX_FUSED_HAD  # _fwht's stages
-
-
 def had_supported(k: int, had_block: int) -> bool:
     """Can the kernel rotate rows of k channels by blocks of had_block (power of two; both pieces whole blocks)?"""
     if had_block <= 1:
         return True
-    if had_block & (had_block - 1) or had_block > MAX_HAD or k % had_block:
+    if had_block & (had_block - 1) or had_block > MAX_FUSED_HAD or k % had_block:
         return False
     return all(p % had_block == 0 for p in pieces(k) if p)
+
+
+def adaln_rows(shift, scale, m: int, rows_per_sample: int, k: int):
+    """(shift rows, scale rows, their sample strides) for the norm_modulate kernel, checked against m rows of
+    rows_per_sample per sample; a single vector for all samples gets stride 0 (it repeats)."""
+    if rows_per_sample <= 0 or m % rows_per_sample:
+        raise ValueError(f"norm_modulate: {m} rows are not whole samples of {rows_per_sample} rows")
+    batch = m // rows_per_sample
+    sh, sc = _as_rows(shift, batch, k), _as_rows(scale, batch, k)
+    if sh.shape[0] != sc.shape[0]:
+        raise ValueError("norm_modulate: shift and scale cover different batches")
+    return sh, sc, (sh.stride(0) if sh.shape[0] > 1 else 0), (sc.stride(0) if sc.shape[0] > 1 else 0)
 
 
 def prologue_quantize(x, prologue, shift=None, scale=None, rows_per_sample=0, eps=1e-6, mult=None, fmt="int8",
@@ -288,14 +297,7 @@ def prologue_quantize(x, prologue, shift=None, scale=None, rows_per_sample=0, ep
     pcode = PROLOGUES[prologue]
     if pcode == 3:
         rows_per_sample = int(rows_per_sample)
-        if rows_per_sample <= 0 or m % rows_per_sample:
-            raise ValueError(f"norm_modulate: {m} rows are not whole samples of {rows_per_sample} rows")
-        batch = m // rows_per_sample
-        sh, sc = _as_rows(shift, batch, k), _as_rows(scale, batch, k)
-        if sh.shape[0] != sc.shape[0]:
-            raise ValueError("norm_modulate: shift and scale cover different batches")
-        # a single vector for all samples: stride 0 repeats it
-        stride_sh, stride_sc = (sh.stride(0) if sh.shape[0] > 1 else 0), (sc.stride(0) if sc.shape[0] > 1 else 0)
+        sh, sc, stride_sh, stride_sc = adaln_rows(shift, scale, m, rows_per_sample, k)
     else:
         sh = sc = s
         stride_sh = stride_sc = 0

@@ -8,6 +8,8 @@ opaque op each instead of tracing into Triton's host-side code.
                                smoothing and the rotation in the quantize, then the GEMM (+ the gated residual add)
   viditq::quantized_attention  the quantized attention call (kernels.dispatch.quantized_attention, which
                                quant_core.attention.quantized_attention calls)
+  viditq::frame_attention      attention over the frames of each spatial position (kernels.dispatch.frame_attention:
+                               the video models' temporal attention)
 
 Why: Dynamo cannot trace the Triton launch path (TensorDescriptor's `data_ptr() % 16` alignment assert, the
 lru_cache'd device queries, the tuners that time candidates on first call). As custom ops these run for real (the
@@ -21,7 +23,8 @@ Output layouts are fixed per op (Inductor asserts the real strides against the f
   quant_linear: contiguous [..., N] in x's dtype;
   quantized_attention: [B, H, Nq, D] in q's dtype, stored as [B, Nq, H, D] (what the Triton kernel writes; the
   caller's `out.transpose(1, 2).reshape(B, Nq, H * D)` is then free). The torch reference's output is copied into
-  that layout (CPU / fallback path only).
+  that layout (CPU / fallback path only);
+  frame_attention: [B, S, H, T, D] stored as [B, T, S, H, D] (both paths write it so).
 
 Inference only: the outputs are marked non-differentiable (no gradient flows through a quantized op, as with the
 Triton kernels in eager), so compiled models also run with grad-requiring inputs (e.g. outside torch.no_grad).
@@ -30,6 +33,7 @@ from typing import Optional
 
 import torch
 
+from .reference_attention import frame_attention_storage
 from .types import QuantizedActivation, QuantizedWeight
 
 NAMESPACE = "viditq"
@@ -113,6 +117,19 @@ def _quantized_attention_fake(q, k, v, mode, backend):
     return q.new_empty(_attention_storage_shape(q)).permute(0, 2, 1, 3)
 
 
+# ---- viditq::frame_attention -------------------------------------------------------------------------------------
+def _frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+    """Attention over the T axis of [B, S, H, T, D] views -> [B, S, H, T, D] stored as [B, T, S, H, D]."""
+    from . import dispatch
+
+    return _in_layout(dispatch.frame_attention_impl(q, k, v, backend), *frame_attention_storage(q))
+
+
+def _frame_attention_fake(q, k, v, backend):
+    shape, perm = frame_attention_storage(q)
+    return q.new_empty(shape).permute(perm)
+
+
 # ---- viditq::quantized_matmul (the GEMM alone, for activations quantized by compiled torch code) -----------------
 def _quantized_matmul(q: torch.Tensor, scale: torch.Tensor, qsum: Optional[torch.Tensor], w_data: torch.Tensor,
                       w_scale: torch.Tensor, w_zero: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -163,3 +180,4 @@ quant_linear = _define("quant_linear", _quant_linear, _quant_linear_fake)
 quantized_matmul = _define("quantized_matmul", _quantized_matmul, _quantized_matmul_fake)
 prologue_quant_linear = _define("prologue_quant_linear", _prologue_quant_linear, _prologue_quant_linear_fake)
 quantized_attention = _define("quantized_attention", _quantized_attention, _quantized_attention_fake)
+frame_attention = _define("frame_attention", _frame_attention, _frame_attention_fake)

@@ -222,3 +222,30 @@ def quantized_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         if triton_attention.supported(q, mode):
             return triton_attention.attention(q, k, v, mode)
     return reference_attention.attention_reference(q, k, v, mode, block_n=ATTENTION_BLOCK_N)
+
+
+FRAME_ATTENTION_ENV = "VIDITQ_FRAME_ATTENTION"
+
+
+def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Optional[str] = "auto"
+                    ) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v over the T axis of [B, S, H, T, D] views (a video DiT's temporal attention: the
+    frames of each spatial position) -> [B, S, H, T, D] stored frame-major ([B, T, S, H, D], the tokens' order)."""
+    if torch.compiler.is_compiling():
+        return custom_ops.frame_attention(q, k, v, backend or "auto")
+    return frame_attention_impl(q, k, v, backend)
+
+
+def frame_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Optional[str] = "auto"
+                         ) -> torch.Tensor:
+    """frame_attention's implementation: the Triton kernel for short sequences, torch SDPA elsewhere
+    (VIDITQ_FRAME_ATTENTION=sdpa: SDPA always, for measurements and debugging)."""
+    mode = os.environ.get(FRAME_ATTENTION_ENV, "auto").strip().lower()
+    if mode not in ("auto", "sdpa"):
+        raise ValueError(f"{FRAME_ATTENTION_ENV} must be auto or sdpa, got {mode!r}")
+    if mode == "auto" and resolve_backend(backend, q.device) == "triton":
+        from . import triton_frame_attention
+
+        if triton_frame_attention.supported(q, k, v):
+            return triton_frame_attention.frame_attention(q, k, v)
+    return reference_attention.frame_attention_reference(q, k, v)

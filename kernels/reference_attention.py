@@ -111,3 +111,19 @@ def attention_exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale:
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
     s = (q.float() @ k.float().transpose(-1, -2)) * sm_scale
     return (s.softmax(-1) @ v.float()).to(q.dtype)
+
+
+def frame_attention_storage(q: torch.Tensor):
+    """(storage shape, permute) of frame attention's output for q [B, S, H, T, D]: frame-major [B, T, S, H, D] (the
+    tokens' own order), seen as [B, S, H, T, D]."""
+    b, s, h, t, d = q.shape
+    return (b, t, s, h, d), (0, 2, 3, 1, 4)
+
+
+def frame_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention over the T axis of [B, S, H, T, D] views (kernels/triton_frame_attention.py's twin and fallback):
+    torch SDPA on [B*S, H, T, D] copies, written into the kernel's output layout (frame_attention_storage)."""
+    b, s, h, t, d = q.shape
+    o = torch.nn.functional.scaled_dot_product_attention(*(x.reshape(b * s, h, t, d) for x in (q, k, v)))
+    shape, perm = frame_attention_storage(q)
+    return torch.empty(shape, dtype=q.dtype, device=q.device).permute(perm).copy_(o.reshape(b, s, h, t, d))

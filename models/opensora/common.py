@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...kernels.dispatch import frame_attention
+
 TORCH_OPS = SimpleNamespace(Linear=nn.Linear, LayerNorm=nn.LayerNorm, Conv3d=nn.Conv3d)
 
 
@@ -175,6 +177,22 @@ class Attention(nn.Module):
             q, k = rope(q), rope(k)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+    def frames_forward(self, x: torch.Tensor, frames: int, rope: Optional[RotaryEmbedding1D] = None) -> torch.Tensor:
+        """Temporal attention: every spatial position attends over its own frames. x [B, T * S, C] holds the tokens
+        frame-major (the residual stream's own order) and the output keeps that order, so no rearrange copies the
+        stream to (B S) T C and back: the linears are per token, and the attention reads and writes through strides
+        (kernels.dispatch.frame_attention: one Triton launch for short sequences, SDPA otherwise)."""
+        b, n, c = x.shape
+        s = n // frames
+        qkv = self.qkv(x).reshape(b, frames, s, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(3, 0, 2, 4, 1, 5).unbind(0)  # [B, S, H, T, D] views
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rope(q), rope(k)
+        out = frame_attention(q, k, v)  # [B, S, H, T, D] stored as [B, T, S, H, D]
+        return self.proj(out.permute(0, 3, 1, 2, 4).reshape(b, n, c))
 
 
 class CrossAttention(nn.Module):

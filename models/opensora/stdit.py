@@ -25,7 +25,7 @@ from ..fused_input import gated_residual, modulated_input
 
 class STDiTBlock(nn.Module):
     fused_inputs = (("attn.qkv", "norm1"), ("mlp.fc1", "norm2"))  # as models/pixart.PixArtBlock
-    fused_residuals = ("attn.proj", "cross_attn.proj", "mlp.fc2")  # attn_temp's add stays as it is
+    fused_residuals = ("attn.proj", "attn_temp.proj", "cross_attn.proj", "mlp.fc2")
 
     def __init__(self, hidden: int, heads: int, mlp_ratio: float = 4.0, operations=None, dtype=None, device=None):
         super().__init__()
@@ -48,12 +48,9 @@ class STDiTBlock(nn.Module):
         # spatial: the tokens of each frame
         x_s = modulated_input(self.attn.qkv, self.norm1, x, shift_msa, scale_msa).reshape(b * frames, s, c)
         x = gated_residual(self.attn.proj, x, gate_msa, self.attn, x_s)
-        # temporal: the frames of each spatial position (residual stream, no modulation)
-        x_t = x.reshape(b, frames, s, c).transpose(1, 2).reshape(b * s, frames, c)
-        if tpe is not None:
-            x_t = x_t + tpe
-        x_t = self.attn_temp(x_t).reshape(b, s, frames, c).transpose(1, 2).reshape(b, n, c)
-        x = x + gate_msa * x_t
+        # temporal: the frames of each spatial position (residual stream, no modulation), tokens left in place
+        x_t = x if tpe is None else (x.reshape(b, frames, s, c) + tpe.reshape(1, frames, 1, c)).reshape(b, n, c)
+        x = gated_residual(self.attn_temp.proj, x, gate_msa, self.attn_temp.frames_forward, x_t, frames)
         x = gated_residual(self.cross_attn.proj, x, None, self.cross_attn, x, y, mask)
         return gated_residual(self.mlp.fc2, x, gate_mlp, self.mlp,
                               modulated_input(self.mlp.fc1, self.norm2, x, shift_mlp, scale_mlp))

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .common import (Attention, CaptionEmbedder, CrossAttention, Mlp, PatchEmbed3D, RotaryEmbedding1D,
-                     T2IFinalLayer, TimestepEmbedder, as_caption, cast_like, match_batch, modulate, ops_or_torch,
+                     T2IFinalLayer, TimestepEmbedder, as_caption, cast_like, match_batch, ops_or_torch,
                      sincos_2d, unpatchify)
 from .. import fused_input
 from ..fused_input import gated_residual, modulated_input
@@ -24,13 +24,8 @@ VAE_SPATIAL_FACTOR = 8
 
 
 class STDiT3Block(nn.Module):
-    @property
-    def fused_inputs(self):  # as models/pixart.PixArtBlock; temporal blocks reorder tokens before attn.qkv
-        return (("mlp.fc1", "norm2"),) if self.temporal else (("attn.qkv", "norm1"), ("mlp.fc1", "norm2"))
-
-    @property
-    def fused_residuals(self):  # temporal blocks reorder the attention's output before the add
-        return ("cross_attn.proj", "mlp.fc2") if self.temporal else ("attn.proj", "cross_attn.proj", "mlp.fc2")
+    fused_inputs = (("attn.qkv", "norm1"), ("mlp.fc1", "norm2"))  # as models/pixart.PixArtBlock
+    fused_residuals = ("attn.proj", "cross_attn.proj", "mlp.fc2")
 
     def __init__(self, hidden: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True, temporal=False,
                  operations=None, dtype=None, device=None):
@@ -51,13 +46,10 @@ class STDiT3Block(nn.Module):
         s = n // frames
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             cast_like(self.scale_shift_table, x)[None] + t.reshape(b, 6, -1)).chunk(6, dim=1)
-        if self.temporal:  # tokens reordered before the attention: the LayerNorm input is not fused
-            x_m = modulate(self.norm1(x), shift_msa, scale_msa)
-            x_m = x_m.reshape(b, frames, s, c).transpose(1, 2).reshape(b * s, frames, c)
-            x_m = self.attn(x_m, rope).reshape(b, s, frames, c).transpose(1, 2).reshape(b, n, c)
-            x = x + gate_msa * x_m
+        x_m = modulated_input(self.attn.qkv, self.norm1, x, shift_msa, scale_msa)
+        if self.temporal:  # over the frames of each spatial position, tokens left in place
+            x = gated_residual(self.attn.proj, x, gate_msa, self.attn.frames_forward, x_m, frames, rope)
         else:
-            x_m = modulated_input(self.attn.qkv, self.norm1, x, shift_msa, scale_msa)
             x = gated_residual(self.attn.proj, x, gate_msa, self.attn, x_m.reshape(b * frames, s, c))
         x = gated_residual(self.cross_attn.proj, x, None, self.cross_attn, x, y, mask)
         return gated_residual(self.mlp.fc2, x, gate_mlp, self.mlp,

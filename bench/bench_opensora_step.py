@@ -70,6 +70,37 @@ def _time(fn, reps, warmup, cuda):
     return times[len(times) // 2]
 
 
+def _graph_ms(step, reps, ref):
+    """(median ms of a CUDA-graph replay of the step, rel. error of the replayed output vs `ref`): the GPU time a
+    step takes once the host is out of the way (what ViDiTQCompileModel's reduce-overhead mode gives)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = step()
+    g.replay()
+    torch.cuda.synchronize()
+    err = float((out.float() - ref).norm() / ref.norm())
+    ms = _time(g.replay, reps, 2, True) * 1e3
+    del g, out
+    torch.cuda.empty_cache()
+    return ms, err
+
+
+def _graph_fields(step, reps, ref, cuda):
+    if not cuda:
+        return {}
+    try:
+        ms, err = _graph_ms(step, reps, ref)
+        return {"ms_graph": ms, "graph_rel_err_vs_fp": err}
+    except Exception as e:  # a step that cannot be captured says why
+        return {"ms_graph": None, "graph_error": f"{type(e).__name__}: {str(e)[:200]}"}
+
+
 def compiled_rows(result, args, model, layers, calib, step, ref, fp_s, cuda, presets):
     """FP16 and each preset with every block compiled (regional compile: the 28 blocks share one graph)."""
     import torch._dynamo
@@ -108,8 +139,10 @@ def compiled_rows(result, args, model, layers, calib, step, ref, fp_s, cuda, pre
                 fp_c = ms
             elif fp_c:
                 row["speedup_vs_fp16_compiled"] = fp_c / ms
+            row.update(_graph_fields(step, args.reps, ref, cuda))
             if args.profile and cuda:
                 row["top_kernels_ms"] = _top_kernels(step)
+                row["host_top_ms"] = _top_host_ops(step)
         except Exception as e:  # a failed variant is a row saying why, never a lost run
             row = {"variant": spec, "compiled": True, "ms_per_step": None,
                    "error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -139,6 +172,19 @@ def _top_kernels(step, top=14):
     # all kernels' time: against the step's wall time it separates GPU-bound from host-bound steps
     out["(all kernels)"] = round(sum(getattr(e, "device_time_total", 0) for e in events) / 1e3, 3)
     return out
+
+
+def _top_host_ops(step, top=12):
+    """{op: self CPU ms} of one step's 12 costliest host-side ops (torch.profiler): where a host-bound step's time
+    goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    return {f"{e.key[:80]} (x{e.count})": round(e.self_cpu_time_total / 1e3, 3) for e in events}
 
 
 def main():
@@ -216,7 +262,10 @@ def main():
     q_s = _time(step, args.reps, args.warmup, cuda)
     q_peak = torch.cuda.max_memory_allocated() if cuda else None
     eager_top = _top_kernels(step) if args.profile and cuda else None
+    eager_host = _top_host_ops(step) if args.profile and cuda else None
+    q_graph = _graph_fields(step, args.reps, ref, cuda)
     replace_layers(model, fp_layers)  # back to FP16 (compiled rows below quantize afresh)
+    fp_graph = _graph_fields(step, args.reps, ref, cuda)
 
     result = {
         "gpu": torch.cuda.get_device_name() if cuda else "cpu (dry run)",
@@ -235,14 +284,16 @@ def main():
         "output_vs_fp": compare(ref, out),
         "build_seconds": build_s,
         "eager_q_top_kernels_ms": eager_top,
+        "eager_q_host_top_ms": eager_host,
         "notes": "random weights with planted outlier channels; one step at t=500 with CFG batch 2; calibration "
                  "from the same step",
     }
-    result["rows"] = [{"variant": "fp16", "compiled": False, "ms_per_step": fp_s * 1e3, "speedup_vs_fp16": 1.0},
+    result["rows"] = [{"variant": "fp16", "compiled": False, "ms_per_step": fp_s * 1e3, "speedup_vs_fp16": 1.0,
+                       **fp_graph},
                       {"variant": "fp16_sdpa_temporal", "compiled": False, "ms_per_step": fp_sdpa_s * 1e3,
                        "speedup_vs_fp16": fp_s / fp_sdpa_s},
                       {"variant": args.preset, "compiled": False, "ms_per_step": q_s * 1e3,
-                       "speedup_vs_fp16": fp_s / q_s, "psnr_db": result["output_vs_fp"]["psnr_db"]}]
+                       "speedup_vs_fp16": fp_s / q_s, "psnr_db": result["output_vs_fp"]["psnr_db"], **q_graph}]
     presets = [p for p in args.compile_presets.split(",") if p]
     if presets:
         compiled_rows(result, args, model, layers, calib, step, ref, fp_s, cuda, presets)
@@ -253,6 +304,12 @@ def main():
     if not args.dry:
         path.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
+    print(f"\n{'variant':<24} {'compiled':>8} {'ms/step':>9} {'graph ms':>9} {'kernels ms':>11}")
+    for r in result["rows"]:
+        kern = (r.get("top_kernels_ms") or {}).get("(all kernels)")
+        ms, gms = r.get("ms_per_step"), r.get("ms_graph")
+        print(f"{r['variant']:<24} {str(r['compiled']):>8} {ms if ms is None else round(ms, 1)!s:>9} "
+              f"{gms if gms is None else round(gms, 1)!s:>9} {kern!s:>11}")
     print(f"\n{result['model']['variant']} {args.frames}x{args.size}x{args.size}: FP {fp_s * 1e3:.1f} ms/step, "
           f"{args.preset} {q_s * 1e3:.1f} ms/step ({fp_s / q_s:.2f}x), PSNR {result['output_vs_fp']['psnr_db']:.1f} dB"
           + ("" if args.dry else f"; wrote {path}"))

@@ -58,6 +58,7 @@ def main():
     p.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results"))
     p.add_argument("--fmts", default="int8,fp8")
     p.add_argument("--had", default="0,128", help="Hadamard blocks to run (0: no rotation)")
+    p.add_argument("--prologues", default="none,gelu_tanh,norm_modulate", help="prologues to run")
     args = p.parse_args()
     hads = [int(h) for h in args.had.split(",")]
     bw = copy_bandwidth()
@@ -66,7 +67,7 @@ def main():
     torch._inductor.config.triton.multi_kernel = 1
     for fmt in args.fmts.split(","):
         qmax = 448 if fmt == "fp8" else 127
-        for (m, k, pro), had in [(sh, h) for h in hads for sh in SHAPES]:
+        for (m, k, pro), had in [(sh, h) for h in hads for sh in SHAPES if sh[2] in args.prologues.split(",")]:
             g = torch.Generator(device="cuda").manual_seed(m + k)
             x = (torch.randn(m, k, device="cuda", generator=g) * 2).to(torch.bfloat16)
             rows_per_sample = m // 2 if m % 2 == 0 else m
@@ -78,9 +79,12 @@ def main():
             r = reference.prologue_quantize(*fargs)
             diff = (a.q.float() - r.q.float()).abs()
             tol = 1 if fmt == "int8" else None
-            ok = bool(torch.allclose(a.scale, r.scale, rtol=1e-4, atol=0))
+            # the GPU's tanh GELU uses the hardware tanh (rel. error 2^-11, triton_prologue_quant._HW_TANH): its
+            # scales and codes are held to that, the rest to fp32 rounding (codes differ at ties only)
+            hw = pro == "gelu_tanh"
+            ok = bool(torch.allclose(a.scale, r.scale, rtol=1e-3 if hw else 1e-4, atol=0))
             frac = float((diff > 0).float().mean())
-            ok = ok and frac < 2e-3 and (tol is None or float(diff.max()) <= tol)
+            ok = ok and frac < (2e-2 if hw else 2e-3) and (tol is None or float(diff.max()) <= tol)
             row = {"M": m, "K": k, "prologue": pro, "fmt": fmt, "had": had, "correct": ok, "codes_differ": frac,
                    "config": list(tpq.last_config)}
             if m >= 2048 and m % 2 == 0:

@@ -56,7 +56,6 @@ def main():
     src = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     bw = 2 * src.numel() / (bench(lambda: dst.copy_(src)) * 1e-3)  # bytes read + written per second
-    del src, dst
 
     checks = []
     for shape in CHECK_SHAPES + [s[:5] for s in SHAPES[:1]]:

@@ -142,6 +142,59 @@ def check_compiled(rows):
             replace_layers(model, old)
 
 
+def check_video(rows):
+    """Tiny STDiT (1.0) and STDiT3 (1.2) on the GPU in bf16: the frame attention kernel (temporal attention with the
+    tokens in place) against SDPA on copies, eager and quantized; and the quantized model under
+    torch.compile(mode="reduce-overhead") against eager."""
+    import os
+    import tempfile
+
+    from viditq.models.opensora.checkpoint import load_opensora
+    from viditq.models.opensora.tiny import save_tiny_opensora
+
+    for version in ("1.0", "1.2"):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save_tiny_opensora(os.path.join(tmp, "t.safetensors"), version, hidden=288, depth=2,
+                                      caption_channels=256, token_num=16)
+            model = load_opensora(path, dtype=torch.bfloat16)[0].cuda().eval()
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(2, 4, 13, 16, 16, generator=g).cuda().bfloat16()
+        t = torch.tensor([700.0, 300.0], device="cuda")
+        ctx = torch.randn(2, 16, 256, generator=g).cuda().bfloat16()
+        for preset in (None, "w8a8", "w8a8-smoothquant"):
+            old = None
+            if preset:
+                layers, _ = build_quant_layers(model, get_preset(preset), None, None, "auto")
+                old = install_quant_layers(model, layers)
+            try:
+                with torch.no_grad():
+                    ours = model(x, t, ctx)
+                    os.environ["VIDITQ_FRAME_ATTENTION"] = "sdpa"
+                    try:
+                        sdpa = model(x, t, ctx)
+                    finally:
+                        os.environ.pop("VIDITQ_FRAME_ATTENTION")
+                err = rel_err(ours, sdpa)
+                rows.append({"check": f"STDiT {version} frame attention vs SDPA", "preset": preset or "bf16",
+                             "rel_err": err, "ok": bool(torch.isfinite(ours).all()) and err < 0.02})
+                if preset:
+                    torch._dynamo.reset()
+                    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+                    with torch.no_grad():
+                        outs = [compiled(x, t, ctx).clone() for _ in range(4)]
+                    e = rel_err(outs[-1], ours)
+                    rows.append({"check": f"STDiT {version} compile reduce-overhead", "preset": preset,
+                                 "rel_err_vs_eager": e, "ok": e < 0.05 and all(torch.equal(outs[1], o)
+                                                                              for o in outs[2:])})
+            except Exception as e:
+                rows.append({"check": f"STDiT {version}", "preset": preset or "bf16", "ok": False,
+                             "error": f"{type(e).__name__}: {str(e)[:500]}"})
+            finally:
+                torch._dynamo.reset()
+                if old is not None:
+                    replace_layers(model, old)
+
+
 class _Printed(list):
     """The rows, each printed as it comes (a run cut short by its time limit still shows what it checked)."""
 
@@ -153,12 +206,12 @@ class _Printed(list):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    p.add_argument("--only", default="compiled,layers,fused", help="which checks, in this order")
+    p.add_argument("--only", default="compiled,video,layers,fused", help="which checks, in this order")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_check.py needs a CUDA GPU")
     rows = _Printed()
-    checks = {"compiled": check_compiled, "layers": check_layers, "fused": check_fused}
+    checks = {"compiled": check_compiled, "layers": check_layers, "fused": check_fused, "video": check_video}
     for name in args.only.split(","):  # compiled first: no device constant exists yet in this process
         checks[name](rows)
     gpu = torch.cuda.get_device_name()

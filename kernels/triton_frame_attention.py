@@ -33,7 +33,7 @@ LOG2E = 1.4426950408889634
 def _rows(base, t, stride_t, ALIGN: tl.constexpr):
     """[NB, BT] element offsets of each (problem, frame) row; ALIGN: all of them multiples of ALIGN elements (the
     host checked the strides and pointers), so the loads and stores are 16-byte vectors (head dim 72 = 9 x 8)."""
-    return tl.multiple_of(base[:, None] + t[None, :] * stride_t, [ALIGN, ALIGN])
+    return tl.multiple_of(base[:, None] + t.to(tl.int64)[None, :] * stride_t, [ALIGN, ALIGN])  # int64: big videos
 
 
 @triton.jit

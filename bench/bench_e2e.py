@@ -38,6 +38,10 @@ Variants (all in one process, same inputs):
                         e4m3 weights with a per-tensor scale, static per-tensor input scale, torch._scaled_mm
                         (comfy/ops.py fp8_linear), same linears
   fp16_compile          bf16 with the blocks compiled (what torch.compile alone gives; reference for the above)
+  w8a8_cudagraphs / w8a8_sq_cudagraphs / fp16_cudagraphs  the eager model (every fusion for ours) through
+                        torch.compile(backend="cudagraphs", fullgraph=True) of the whole model, each new shape run
+                        once eagerly first: ViDiTQCompileModel's cudagraphs backend (no Inductor code generation);
+                        its "eager" column is what one call costs a ComfyUI user, graph replay included
 Every variant is checked first (output rel error vs bf16, finite), then timed: one step as the median of many
 eager calls after warm-up (CUDA events), the same from a CUDA-graph replay where capture works, and a 20-step Euler
 CFG run (wall). A torch.profiler breakdown (kernel time by kind, per block) for fp16 and the best variant, and an
@@ -68,7 +72,9 @@ ALL_VARIANTS = ["fp16", "fp16_attn_fp8", "w8a8_int8", "w8a8_fp8", "w8a8_fp8_attn
                 "w8a8_fp8_norot_compile", "w8a8_sq_compile", "w8a8_sq_kcompile", "w8a8_full", "torchao_int8_compile",
                 "w8a8_sq_fused", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile", "fp16_strided", "w8a8_sq_fpcompile",
                 "w8a8_sq_frcompile", "w8a8_fp8_norot_frcompile", "w8a8_compile", "w8a8_frcompile",
-                "w8a8_fp8_frcompile"]
+                "w8a8_fp8_frcompile", "fp16_cudagraphs", "w8a8_cudagraphs", "w8a8_sq_cudagraphs"]
+# whole model through torch.compile(backend="cudagraphs") (ViDiTQCompileModel's no-codegen backend)
+CUDAGRAPHS = {"fp16_cudagraphs", "w8a8_cudagraphs", "w8a8_sq_cudagraphs"}
 COMPILED = {"w8a8_compile", "w8a8_frcompile", "w8a8_fp8_frcompile", "w8a8_full", "torchao_int8_compile", "fp16_compile", "w8a8_fp8_compile", "w8a8_fp8_norot_compile",
             "w8a8_sq_compile", "w8a8_sq_kcompile", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile",
             "w8a8_sq_fpcompile", "w8a8_sq_frcompile", "w8a8_fp8_norot_frcompile"}
@@ -94,8 +100,10 @@ OURS = {"w8a8_int8": ("w8a8", {}, None, False, None), "w8a8_fp8": ("w8a8-fp8", {
         # ViDiT-Q's own presets (smoothing + rotation): unfused, and with the rotation in the fused kernel
         "w8a8_compile": ("w8a8", {}, None, True, "kernel"),
         "w8a8_frcompile": ("w8a8", {}, None, True, "kernel"),
-        "w8a8_fp8_frcompile": ("w8a8-fp8", {}, None, True, "kernel")}
-FUSED = {"w8a8_frcompile", "w8a8_fp8_frcompile", "w8a8_sq_fused", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile", "w8a8_sq_fpcompile", "w8a8_sq_frcompile",
+        "w8a8_fp8_frcompile": ("w8a8-fp8", {}, None, True, "kernel"),
+        "w8a8_cudagraphs": ("w8a8", {}, None, False, None),
+        "w8a8_sq_cudagraphs": ("w8a8-smoothquant", {}, None, False, None)}
+FUSED = {"w8a8_cudagraphs", "w8a8_sq_cudagraphs", "w8a8_frcompile", "w8a8_fp8_frcompile", "w8a8_sq_fused", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile", "w8a8_sq_fpcompile", "w8a8_sq_frcompile",
          "w8a8_fp8_norot_frcompile"}
 # the fusion switches each fused variant installs with (the names keep what they measured when they were added)
 FUSE_SWITCHES = {"w8a8_sq_fcompile": {"VIDITQ_FUSE_PLAIN": "0", "VIDITQ_FUSE_RESIDUAL": "0"},
@@ -438,6 +446,23 @@ def torchao_model(model, kind: str):
         Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
     quantize_(m, cfg, filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear) and fqn in names)
     return m
+
+
+class CudaGraphsModel:
+    """torch.compile(model, backend="cudagraphs", fullgraph=True), each new input shape run once eagerly first (as
+    ViDiTQCompileModel's wrapper does: kernel tuning and device constants outside the graphs' memory pool)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.compiled = torch.compile(model, backend="cudagraphs", fullgraph=True)
+        self.warmed = set()
+
+    def __call__(self, *args):
+        key = tuple((tuple(a.shape), a.dtype) for a in args)
+        if key not in self.warmed:
+            self.model(*args)
+            self.warmed.add(key)
+        return self.compiled(*args)
 
 
 def compile_blocks(model):
@@ -937,8 +962,11 @@ def main():
         try:
             if v == "fp16_strided":  # the channel-strided residual stream ComfyUI's own PixArt keeps
                 fused_input.CONTIGUOUS_RESIDUAL = False
-            elif v in ("fp16", "fp16_compile", "fp16_attn_fp8"):
+            elif v in ("fp16", "fp16_compile", "fp16_attn_fp8", "fp16_cudagraphs"):
                 target = model if v != "fp16_compile" else compile_blocks(copy.deepcopy(model))
+                if v == "fp16_cudagraphs":
+                    torch._dynamo.reset()
+                    target = CudaGraphsModel(model)
                 if v == "fp16_attn_fp8":
                     set_pixart_attention(model, "fp8")
             elif v in OURS:
@@ -964,6 +992,10 @@ def main():
                 if attn:
                     set_pixart_attention(model, attn)
                     extra["attention"] = attn
+                if v in CUDAGRAPHS:
+                    torch._dynamo.reset()
+                    target = CudaGraphsModel(model)
+                    extra["fusion"] = "eager fused layers, whole model under torch.compile(backend='cudagraphs')"
                 if compiled:
                     env_saved = os.environ.get("VIDITQ_COMPILE_QUANT")
                     os.environ["VIDITQ_COMPILE_QUANT"] = quant_mode

@@ -138,7 +138,25 @@ def check_compiled(rows):
         except Exception as e:
             rows.append({"check": "compile reduce-overhead", "preset": preset, "ok": False,
                          "error": f"{type(e).__name__}: {str(e)[:500]}"})
+        # backend "cudagraphs" (ViDiTQCompileModel's no-codegen option): eager first, as the node's wrapper does
+        torch._dynamo.reset()
+        try:
+            with torch.no_grad():
+                eager = model(x, t, ctx)
+                compiled = torch.compile(model, backend="cudagraphs", fullgraph=True)
+                t0 = time.time()
+                first = compiled(x, t, ctx).clone()
+                seconds = time.time() - t0
+                outs = [compiled(x, t, ctx).clone() for _ in range(3)]
+            e = rel_err(outs[-1], eager)
+            rows.append({"check": "compile backend cudagraphs", "preset": preset, "first_call_s": round(seconds, 2),
+                         "rel_err_vs_eager": e, "replays_equal": all(torch.equal(first, o) for o in outs),
+                         "ok": e < 0.05 and all(torch.equal(outs[0], o) for o in outs[1:])})
+        except Exception as e:
+            rows.append({"check": "compile backend cudagraphs", "preset": preset, "ok": False,
+                         "error": f"{type(e).__name__}: {str(e)[:500]}"})
         finally:
+            torch._dynamo.reset()
             replace_layers(model, old)
 
 

@@ -26,7 +26,11 @@ MODES = {  # combo value -> torch.compile mode
     "max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs",
     "reduce-overhead": "reduce-overhead",
 }
-COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+# cudagraphs: Dynamo traces the model and torch's CUDA graph trees replay it, with no Inductor code generation: the
+# eager kernels without their Python launch cost, after a compile of seconds instead of Inductor's tens of seconds.
+# aot_eager / eager: debugging (trace only).
+COMPILE_BACKENDS = ("inductor", "cudagraphs", "aot_eager", "eager")
+GRAPH_BACKENDS = ("cudagraphs",)
 PREWARM_KEY = "vidit_q_eager_first_call"
 # Inductor options that made the fused activation quantize (LayerNorm+modulate+quantize, GELU+quantize) faster on
 # an H200 (bench/NOTES_e2e.md, run 4: 0.325 -> 0.253 ms per block at 1024 px, 9 % per step; fp16 unchanged):
@@ -86,8 +90,11 @@ class ViDiTQCompileModel(io.ComfyNode):
                                          "persistent-vs-looped reductions timed): faster quantized steps, longer "
                                          "first compile."),
                 io.Combo.Input("backend", options=list(COMPILE_BACKENDS), default="inductor", optional=True,
-                               tooltip="Debugging: aot_eager / eager trace the model without generating code "
-                                       "(the mode is then ignored)."),
+                               tooltip="inductor: generated fused kernels (the mode applies). cudagraphs: no code "
+                                       "generation, the model's own kernels replayed from CUDA graphs: removes the "
+                                       "Python launch cost (most of an uncompiled quantized step) after a compile "
+                                       "of seconds; each new shape first runs once uncompiled. aot_eager / eager: "
+                                       "debugging, trace only. The mode applies to inductor only."),
             ],
             outputs=[io.Model.Output()],
         )
@@ -107,8 +114,10 @@ class ViDiTQCompileModel(io.ComfyNode):
         if backend != "inductor" and compile_mode is not None:
             log.info("ViDiT-Q Compile Model: mode %s applies to Inductor only; backend %s ignores it", mode, backend)
             compile_mode = None
-        if compile_mode == "reduce-overhead" and not torch.cuda.is_available():
-            log.info("ViDiT-Q Compile Model: reduce-overhead (CUDA graphs) has no effect without a CUDA device")
+        graphs = mode == "reduce-overhead" or backend in GRAPH_BACKENDS
+        if graphs and not torch.cuda.is_available():
+            log.info("ViDiT-Q Compile Model: CUDA graphs (reduce-overhead / cudagraphs) have no effect without a "
+                     "CUDA device")
         options = None
         if backend == "inductor" and tune_fusions:  # torch.compile takes a mode or options: the mode's as options
             from torch._inductor import list_mode_options
@@ -119,7 +128,7 @@ class ViDiTQCompileModel(io.ComfyNode):
         set_torch_compile_wrapper(model=compiled, backend=backend, mode=compile_mode, options=options,
                                   fullgraph=bool(fullgraph))
         compiled.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, PREWARM_KEY)
-        if mode == "reduce-overhead" and hasattr(torch.compiler, "set_stance"):
+        if graphs and hasattr(torch.compiler, "set_stance"):
             compiled.add_wrapper_with_key(WrappersMP.APPLY_MODEL, PREWARM_KEY, eager_first_call_wrapper())
         log.info("ViDiT-Q: diffusion model will be compiled at first use (backend %s, mode %s, fullgraph %s)",
                  backend, mode, bool(fullgraph))

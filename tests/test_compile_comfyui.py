@@ -36,9 +36,13 @@ def _has_compile_wrapper(model):
     return bool(model.get_wrappers(WrappersMP.APPLY_MODEL, COMPILE_KEY))
 
 
-@pytest.mark.parametrize("attention,mode", [("int8", "default"), ("off", "reduce-overhead")])
-def test_compile_node_samples_like_eager_in_one_graph(comfy_model, attention, mode, monkeypatch):
-    """aot_eager ignores the mode; reduce-overhead adds the wrapper that runs each new shape once uncompiled."""
+@pytest.mark.parametrize("attention,mode,backend", [("int8", "default", "aot_eager"),
+                                                    ("off", "reduce-overhead", "aot_eager"),
+                                                    ("off", "default", "cudagraphs")])
+def test_compile_node_samples_like_eager_in_one_graph(comfy_model, attention, mode, backend, monkeypatch):
+    """aot_eager ignores the mode; reduce-overhead and the cudagraphs backend add the wrapper that runs each new
+    shape once uncompiled. (cudagraphs on the CPU: Dynamo + AOTAutograd trace, torch skips the graphs for CPU
+    tensors and runs the traced graph.)"""
     from comfy.patcher_extension import WrappersMP
     from viditq.nodes.compile_model import PREWARM_KEY, ViDiTQCompileModel
     from viditq.nodes.quantize import ViDiTQQuantize
@@ -55,11 +59,12 @@ def test_compile_node_samples_like_eager_in_one_graph(comfy_model, attention, mo
     torch._dynamo.reset()
     counters.clear()
     try:
-        (model_c,) = ViDiTQCompileModel.execute(model_q, mode, True, "aot_eager").args
+        (model_c,) = ViDiTQCompileModel.execute(model_q, mode, True, backend).args
         assert model_c is not model_q and _has_compile_wrapper(model_c) and not _has_compile_wrapper(model_q)
         assert model_c.model_options["torch_compile_kwargs"]["fullgraph"] is True
         prewarm = model_c.get_wrappers(WrappersMP.APPLY_MODEL, PREWARM_KEY)
-        assert len(prewarm) == (1 if mode == "reduce-overhead" else 0)
+        assert len(prewarm) == (1 if mode == "reduce-overhead" or backend == "cudagraphs" else 0)
+        assert model_c.model_options["torch_compile_kwargs"]["backend"] == backend
         compiled = _ksample(model_c)
         assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
         assert torch.equal(compiled, eager)
@@ -90,6 +95,11 @@ def test_compile_node_modes_map_to_torch_compile(comfy_model):
         assert kwargs["options"].get("triton.cudagraphs", False) == (mode == "reduce-overhead")
     (m,) = ViDiTQCompileModel.execute(comfy_model, "reduce-overhead", True, "aot_eager").args
     assert m.model_options["torch_compile_kwargs"]["mode"] is None  # modes are Inductor's
+    (m,) = ViDiTQCompileModel.execute(comfy_model, "max-autotune-no-cudagraphs", True, "cudagraphs").args
+    kwargs = m.model_options["torch_compile_kwargs"]
+    assert (kwargs["backend"], kwargs["mode"], kwargs["options"]) == ("cudagraphs", None, None)
+    with pytest.raises(ValueError, match="unknown backend"):
+        ViDiTQCompileModel.execute(comfy_model, "default", True, "tensorrt")
     assert "torch_compile_kwargs" not in comfy_model.model_options
     with pytest.raises(ValueError, match="unknown mode"):
         ViDiTQCompileModel.execute(comfy_model, "max-speed", True)

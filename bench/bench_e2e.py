@@ -462,7 +462,10 @@ class CudaGraphsModel:
         if key not in self.warmed:
             self.model(*args)
             self.warmed.add(key)
-        return self.compiled(*args)
+        from viditq.kernels.dispatch import compile_quant
+
+        with compile_quant("kernel"):  # as the node: no Inductor to fuse a torch quantize
+            return self.compiled(*args)
 
 
 def compile_blocks(model):

@@ -7,6 +7,7 @@ Dynamo traces (torch.compiler.is_compiling()), so compiled graphs hold one opaqu
 Triton host code; eager calls run `*_impl` directly. The backend is resolved at run time inside the op, exactly
 as in eager (env var, layer's choice, device), never baked into a graph.
 """
+import contextlib
 import logging
 import os
 from typing import Optional
@@ -75,6 +76,22 @@ def quant_linear(
 
 
 COMPILE_QUANT_ENV = "VIDITQ_COMPILE_QUANT"  # auto | torch | kernel: how compiled code quantizes activations
+_compile_quant_override: Optional[str] = None
+
+
+@contextlib.contextmanager
+def compile_quant(mode: Optional[str]):
+    """Within: code compiled (traced) here quantizes activations as `mode` says (auto / torch / kernel), whatever
+    VIDITQ_COMPILE_QUANT says. ViDiTQCompileModel uses "kernel" for backends without Inductor (cudagraphs, the
+    debugging ones): there nothing fuses torch's quantize into its producer, so it would run as separate kernels."""
+    global _compile_quant_override
+    if mode not in (None, "auto", "torch", "kernel"):
+        raise ValueError(f"compile_quant: mode must be auto, torch or kernel, got {mode!r}")
+    old, _compile_quant_override = _compile_quant_override, mode
+    try:
+        yield
+    finally:
+        _compile_quant_override = old
 
 
 def _quantize_in_torch(w: QuantizedWeight, had_block: int) -> bool:
@@ -83,7 +100,7 @@ def _quantize_in_torch(w: QuantizedWeight, had_block: int) -> bool:
     fuses them well) and the weights are int8 / fp8 (the int4 GEMM reads the codes in its own channel order, which
     only the Triton quantize writes); rotated layers keep the Triton kernel (a block Hadamard is a matmul Inductor
     does not fuse)."""
-    mode = os.environ.get(COMPILE_QUANT_ENV, "auto").strip().lower()
+    mode = _compile_quant_override or os.environ.get(COMPILE_QUANT_ENV, "auto").strip().lower()
     if mode not in ("auto", "torch", "kernel"):
         raise ValueError(f"{COMPILE_QUANT_ENV} must be auto, torch or kernel, got {mode!r}")
     if mode == "kernel":

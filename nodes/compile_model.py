@@ -44,6 +44,18 @@ def _shape_key(args, kwargs):
                  if isinstance(v, torch.Tensor))
 
 
+KERNEL_QUANT_KEY = "vidit_q_kernel_quantize"
+
+
+def kernel_quantize_wrapper(executor, *args, **kwargs):
+    """APPLY_MODEL wrapper for backends without Inductor: the model traced inside it quantizes every activation in
+    our Triton kernel (kernels.dispatch.compile_quant), as eager does; torch's quantize would run unfused there."""
+    from ..kernels.dispatch import compile_quant
+
+    with compile_quant("kernel"):
+        return executor(*args, **kwargs)
+
+
 def eager_first_call_wrapper():
     """APPLY_MODEL wrapper: the first call of each input shape runs once uncompiled (its output dropped), then the
     compiled model runs. `wrapper.warmed` holds the shapes seen."""
@@ -128,6 +140,9 @@ class ViDiTQCompileModel(io.ComfyNode):
         set_torch_compile_wrapper(model=compiled, backend=backend, mode=compile_mode, options=options,
                                   fullgraph=bool(fullgraph))
         compiled.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, PREWARM_KEY)
+        compiled.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, KERNEL_QUANT_KEY)
+        if backend != "inductor":
+            compiled.add_wrapper_with_key(WrappersMP.APPLY_MODEL, KERNEL_QUANT_KEY, kernel_quantize_wrapper)
         if graphs and hasattr(torch.compiler, "set_stance"):
             compiled.add_wrapper_with_key(WrappersMP.APPLY_MODEL, PREWARM_KEY, eager_first_call_wrapper())
         log.info("ViDiT-Q: diffusion model will be compiled at first use (backend %s, mode %s, fullgraph %s)",

@@ -292,6 +292,23 @@ def test_compile_quant_auto_choice(preset, torch_quant, monkeypatch):
         dispatch._quantize_in_torch(layer.quantized_weight(), layer.had_block)
 
 
+def test_compile_quant_override_traces_the_kernel_op(monkeypatch):
+    """dispatch.compile_quant("kernel") (ViDiTQCompileModel, backends without Inductor) wins over the env var and
+    over auto: the traced graph holds the one fused op, no torch quantize; outside it the env var rules again."""
+    monkeypatch.setenv(dispatch.COMPILE_QUANT_ENV, "torch")
+    layer, x = _layer("w8a8-smoothquant"), _x(2, 7)
+    with dispatch.compile_quant("kernel"):
+        assert not dispatch._quantize_in_torch(layer.quantized_weight(), layer.had_block)
+        explained = torch._dynamo.explain(layer)(x)
+    ops = _ops_in(explained.graphs[0])
+    assert "viditq.quant_linear.default" in ops and "viditq.quantized_matmul.default" not in ops, ops
+    assert dispatch._quantize_in_torch(layer.quantized_weight(), layer.had_block)
+    with pytest.raises(ValueError, match="compile_quant"):
+        with dispatch.compile_quant("fast"):
+            pass
+    torch._dynamo.reset()
+
+
 def test_quantized_matmul_op_opcheck():
     layer, x = _layer("w8a8-smoothquant"), _x(5)
     from viditq.kernels import reference

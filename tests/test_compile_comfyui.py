@@ -36,15 +36,15 @@ def _has_compile_wrapper(model):
     return bool(model.get_wrappers(WrappersMP.APPLY_MODEL, COMPILE_KEY))
 
 
-@pytest.mark.parametrize("attention,mode,backend", [("int8", "default", "aot_eager"),
-                                                    ("off", "reduce-overhead", "aot_eager"),
-                                                    ("off", "default", "cudagraphs")])
-def test_compile_node_samples_like_eager_in_one_graph(comfy_model, attention, mode, backend, monkeypatch):
+@pytest.mark.parametrize("attention,mode,backend,preset", [("int8", "default", "aot_eager", "w8a8"),
+                                                           ("off", "reduce-overhead", "aot_eager", "w8a8"),
+                                                           ("off", "default", "cudagraphs", "w8a8-smoothquant")])
+def test_compile_node_samples_like_eager_in_one_graph(comfy_model, attention, mode, backend, preset, monkeypatch):
     """aot_eager ignores the mode; reduce-overhead and the cudagraphs backend add the wrapper that runs each new
     shape once uncompiled. (cudagraphs on the CPU: Dynamo + AOTAutograd trace, torch skips the graphs for CPU
     tensors and runs the traced graph.)"""
     from comfy.patcher_extension import WrappersMP
-    from viditq.nodes.compile_model import PREWARM_KEY, ViDiTQCompileModel
+    from viditq.nodes.compile_model import KERNEL_QUANT_KEY, PREWARM_KEY, ViDiTQCompileModel
     from viditq.nodes.quantize import ViDiTQQuantize
 
     if attention == "off":
@@ -54,7 +54,7 @@ def test_compile_node_samples_like_eager_in_one_graph(comfy_model, attention, mo
         import comfy.ldm.pixart.blocks as pixart_blocks
 
         monkeypatch.setattr(pixart_blocks, "optimized_attention", comfy_attention.attention_pytorch)
-    (model_q,) = ViDiTQQuantize.execute(comfy_model, "w8a8", None, None, "auto", attention).args
+    (model_q,) = ViDiTQQuantize.execute(comfy_model, preset, None, None, "auto", attention).args
     eager = _ksample(model_q)
     torch._dynamo.reset()
     counters.clear()
@@ -65,6 +65,8 @@ def test_compile_node_samples_like_eager_in_one_graph(comfy_model, attention, mo
         prewarm = model_c.get_wrappers(WrappersMP.APPLY_MODEL, PREWARM_KEY)
         assert len(prewarm) == (1 if mode == "reduce-overhead" or backend == "cudagraphs" else 0)
         assert model_c.model_options["torch_compile_kwargs"]["backend"] == backend
+        # backends without Inductor quantize in our kernel (unrotated int8 layers too: bit-equal to eager below)
+        assert bool(model_c.get_wrappers(WrappersMP.APPLY_MODEL, KERNEL_QUANT_KEY)) == (backend != "inductor")
         compiled = _ksample(model_c)
         assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
         assert torch.equal(compiled, eager)

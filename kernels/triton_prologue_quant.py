@@ -239,8 +239,10 @@ def pieces(k: int):
 
 def candidates(k: int, m: int, pcode: int = 3, had_block: int = 0):
     """(rows per program, num_warps[, chunk]): whole rows per program with about 8-48 fp32 values per thread (up to
-    144 for one row per program: a row on one warp reduces with shuffles alone, which won at K = 1152); for
-    the GELU prologue at K >= 2048 also the two-pass chunked kernel (chunk of CK channels)."""
+    144 for one row per program: a row on one warp reduces with shuffles alone, which won at K = 1152; up to 72
+    for several rows on one warp: the adaLN / smoothing vectors loaded once for them, where one row per warp
+    measured L1-bound on an H200, ncu); for the GELU prologue at K >= 2048 also the two-pass chunked kernel (chunk
+    of CK channels)."""
     lanes = sum(pieces(k))
     if INTERPRET:
         return [(2, 4)] + ([(2, 4, 64)] if pcode in (1, 2) and 64 % max(had_block, 1) == 0 else [])
@@ -251,7 +253,8 @@ def candidates(k: int, m: int, pcode: int = 3, had_block: int = 0):
     for rows in (1, 2, 4, 8, 16):
         for nw in (1, 2, 4, 8, 16):
             per_thread = rows * lanes // (32 * nw)
-            if 8 <= per_thread <= (144 if rows == 1 else 48) and not (m <= 1024 and rows > 4):
+            cap = 144 if rows == 1 else (72 if nw == 1 else 48)
+            if 8 <= per_thread <= cap and not (m <= 1024 and rows > 4):
                 out.append((rows, nw))
     return out or [(1, 4)]
 

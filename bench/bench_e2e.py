@@ -42,6 +42,8 @@ Variants (all in one process, same inputs):
                         torch.compile(backend="cudagraphs", fullgraph=True) of the whole model, each new shape run
                         once eagerly first: ViDiTQCompileModel's cudagraphs backend (no Inductor code generation);
                         its "eager" column is what one call costs a ComfyUI user, graph replay included
+  fp16_stepgraphs / w8a8_stepgraphs / w8a8_sq_stepgraphs  the eager model through kernels/step_graph.StepGraphs
+                        (ViDiTQCudaGraphs: our own capture and replay, no Dynamo); "eager" = one call, replay included
 Every variant is checked first (output rel error vs bf16, finite), then timed: one step as the median of many
 eager calls after warm-up (CUDA events), the same from a CUDA-graph replay where capture works, and a 20-step Euler
 CFG run (wall). A torch.profiler breakdown (kernel time by kind, per block) for fp16 and the best variant, and an
@@ -72,7 +74,9 @@ ALL_VARIANTS = ["fp16", "fp16_attn_fp8", "w8a8_int8", "w8a8_fp8", "w8a8_fp8_attn
                 "w8a8_fp8_norot_compile", "w8a8_sq_compile", "w8a8_sq_kcompile", "w8a8_full", "torchao_int8_compile",
                 "w8a8_sq_fused", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile", "fp16_strided", "w8a8_sq_fpcompile",
                 "w8a8_sq_frcompile", "w8a8_fp8_norot_frcompile", "w8a8_compile", "w8a8_frcompile",
-                "w8a8_fp8_frcompile", "fp16_cudagraphs", "w8a8_cudagraphs", "w8a8_sq_cudagraphs"]
+                "w8a8_fp8_frcompile", "fp16_cudagraphs", "w8a8_cudagraphs", "w8a8_sq_cudagraphs", "fp16_stepgraphs",
+                "w8a8_stepgraphs", "w8a8_sq_stepgraphs"]
+STEPGRAPHS = {"fp16_stepgraphs", "w8a8_stepgraphs", "w8a8_sq_stepgraphs"}
 # whole model through torch.compile(backend="cudagraphs") (ViDiTQCompileModel's no-codegen backend)
 CUDAGRAPHS = {"fp16_cudagraphs", "w8a8_cudagraphs", "w8a8_sq_cudagraphs"}
 COMPILED = {"w8a8_compile", "w8a8_frcompile", "w8a8_fp8_frcompile", "w8a8_full", "torchao_int8_compile", "fp16_compile", "w8a8_fp8_compile", "w8a8_fp8_norot_compile",
@@ -102,8 +106,10 @@ OURS = {"w8a8_int8": ("w8a8", {}, None, False, None), "w8a8_fp8": ("w8a8-fp8", {
         "w8a8_frcompile": ("w8a8", {}, None, True, "kernel"),
         "w8a8_fp8_frcompile": ("w8a8-fp8", {}, None, True, "kernel"),
         "w8a8_cudagraphs": ("w8a8", {}, None, False, None),
-        "w8a8_sq_cudagraphs": ("w8a8-smoothquant", {}, None, False, None)}
-FUSED = {"w8a8_cudagraphs", "w8a8_sq_cudagraphs", "w8a8_frcompile", "w8a8_fp8_frcompile", "w8a8_sq_fused", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile", "w8a8_sq_fpcompile", "w8a8_sq_frcompile",
+        "w8a8_sq_cudagraphs": ("w8a8-smoothquant", {}, None, False, None),
+        "w8a8_stepgraphs": ("w8a8", {}, None, False, None),
+        "w8a8_sq_stepgraphs": ("w8a8-smoothquant", {}, None, False, None)}
+FUSED = {"w8a8_stepgraphs", "w8a8_sq_stepgraphs", "w8a8_cudagraphs", "w8a8_sq_cudagraphs", "w8a8_frcompile", "w8a8_fp8_frcompile", "w8a8_sq_fused", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile", "w8a8_sq_fpcompile", "w8a8_sq_frcompile",
          "w8a8_fp8_norot_frcompile"}
 # the fusion switches each fused variant installs with (the names keep what they measured when they were added)
 FUSE_SWITCHES = {"w8a8_sq_fcompile": {"VIDITQ_FUSE_PLAIN": "0", "VIDITQ_FUSE_RESIDUAL": "0"},
@@ -159,6 +165,7 @@ from viditq.models.tiny_pixart import build_tiny_pixart_state_dict  # noqa: E402
 from viditq.quant_core import (QuantPlan, build_quant_layers, describe_model, get_preset,  # noqa: E402
                                install_quant_layers, replace_layers)
 from viditq.models import fused_input  # noqa: E402
+from viditq.kernels.step_graph import StepGraphs  # noqa: E402
 from viditq.quant_core.attention import set_pixart_attention  # noqa: E402
 
 
@@ -464,8 +471,9 @@ class CudaGraphsModel:
             self.warmed.add(key)
         from viditq.kernels.dispatch import compile_quant
 
+        torch.compiler.cudagraph_mark_step_begin()  # a new step: the last call's outputs may be overwritten
         with compile_quant("kernel"):  # as the node: no Inductor to fuse a torch quantize
-            return self.compiled(*args)
+            return self.compiled(*args).clone()  # (ComfyUI's apply_model consumes the output at once)
 
 
 def compile_blocks(model):
@@ -965,11 +973,13 @@ def main():
         try:
             if v == "fp16_strided":  # the channel-strided residual stream ComfyUI's own PixArt keeps
                 fused_input.CONTIGUOUS_RESIDUAL = False
-            elif v in ("fp16", "fp16_compile", "fp16_attn_fp8", "fp16_cudagraphs"):
+            elif v in ("fp16", "fp16_compile", "fp16_attn_fp8", "fp16_cudagraphs", "fp16_stepgraphs"):
                 target = model if v != "fp16_compile" else compile_blocks(copy.deepcopy(model))
                 if v == "fp16_cudagraphs":
                     torch._dynamo.reset()
                     target = CudaGraphsModel(model)
+                if v == "fp16_stepgraphs":
+                    target = StepGraphs(model)
                 if v == "fp16_attn_fp8":
                     set_pixart_attention(model, "fp8")
             elif v in OURS:
@@ -995,6 +1005,9 @@ def main():
                 if attn:
                     set_pixart_attention(model, attn)
                     extra["attention"] = attn
+                if v in STEPGRAPHS:
+                    target = StepGraphs(model)
+                    extra["fusion"] = "eager fused layers, replayed by kernels/step_graph.StepGraphs"
                 if v in CUDAGRAPHS:
                     torch._dynamo.reset()
                     target = CudaGraphsModel(model)

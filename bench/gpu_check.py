@@ -138,6 +138,21 @@ def check_compiled(rows):
         except Exception as e:
             rows.append({"check": "compile reduce-overhead", "preset": preset, "ok": False,
                          "error": f"{type(e).__name__}: {str(e)[:500]}"})
+        # kernels/step_graph.StepGraphs (ViDiTQCudaGraphs): eager, record, then replays on fresh inputs == eager
+        try:
+            from viditq.kernels.step_graph import StepGraphs
+
+            sg = StepGraphs(model)
+            errs = []
+            with torch.no_grad():
+                for i in range(5):
+                    xi, ti = x + 0.1 * i, t.flip(0) if i % 2 else t
+                    errs.append(rel_err(sg(xi, ti, ctx), model(xi, ti, ctx)))
+            rows.append({"check": "StepGraphs replay vs eager", "preset": preset, "stats": dict(sg.stats),
+                         "max_rel_err": max(errs), "ok": max(errs) == 0.0 and sg.stats["replayed"] == 3})
+        except Exception as e:
+            rows.append({"check": "StepGraphs replay vs eager", "preset": preset, "ok": False,
+                         "error": f"{type(e).__name__}: {str(e)[:500]}"})
         # backend "cudagraphs" (ViDiTQCompileModel's no-codegen option): eager first, as the node's wrapper does
         torch._dynamo.reset()
         try:

@@ -4,6 +4,7 @@ from comfy_api.latest import ComfyExtension, io
 from .calibrate import ViDiTQCalibrate
 from .planner import ViDiTQLoadPlan, ViDiTQPlanner
 from .compile_model import ViDiTQCompileModel
+from .cuda_graphs import ViDiTQCudaGraphs
 from .checkpoint_nodes import ViDiTQLoadQuantized, ViDiTQSaveQuantized
 from .quantize import ViDiTQQuantize
 from .opensora_nodes import (EmptyOpenSoraLatent, OpenSoraFlowShift, OpenSoraNullConditioning, OpenSoraVAEDecode,
@@ -19,4 +20,4 @@ class ViDiTQExtension(ComfyExtension):
                 ViDiTQSaveQuantized, ViDiTQLoadQuantized, ViDiTQTextEncoderInt8,
                 ViDiTQOpenSoraLoader, ViDiTQOpenSoraVAELoader, EmptyOpenSoraLatent, OpenSoraVAEDecode,
                 OpenSoraNullConditioning, OpenSoraFlowShift, ViDiTQSaveVideo, ViDiTQPlanner, ViDiTQLoadPlan,
-                ViDiTQClipScorer, ViDiTQImageScorer, ViDiTQCompileModel]
+                ViDiTQClipScorer, ViDiTQImageScorer, ViDiTQCompileModel, ViDiTQCudaGraphs]

@@ -1,0 +1,75 @@
+"""ViDiTQCudaGraphs in ComfyUI (in-process, CPU): a quantized tiny PixArt sampled through the node's wrapper gives
+what the eager quantized MODEL gives, with CUDA graph capture replaced by the CPU stand-in of tests/helpers.py (the
+first step eager, the second recorded, the rest replayed on fresh inputs); with the real capture on the CPU every
+call runs eagerly; the input MODEL is untouched; a MODEL already compiled with CUDA graphs is refused."""
+import pytest
+import torch
+
+from comfy_env import conditioning, import_comfyui, requires_comfyui, write_tiny_checkpoint
+from helpers import fake_capture
+
+pytestmark = requires_comfyui
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    import_comfyui()
+    import comfy.sd
+    from viditq.nodes.quantize import ViDiTQQuantize
+
+    path = write_tiny_checkpoint(tmp_path_factory.mktemp("diffusion_models"))
+    model = comfy.sd.load_diffusion_model(str(path))
+    return ViDiTQQuantize.execute(model, "w8a8-smoothquant", None, None, "auto", "off").args[0]
+
+
+def _ksample(model, steps=4, seed=3):
+    import nodes
+
+    (out,) = nodes.common_ksampler(model, seed, steps, 4.5, "euler", "normal", conditioning("a red cube"),
+                                   conditioning(""), {"samples": torch.zeros(1, 4, 64, 64)})
+    return out["samples"]
+
+
+def _stand_ins(model):
+    from comfy.patcher_extension import WrappersMP
+    from viditq.nodes.cuda_graphs import WRAPPER_KEY
+
+    wrappers = model.get_wrappers(WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    return wrappers, [s for w in wrappers for s in w.graphed.values()]
+
+
+@pytest.mark.parametrize("stand_in_capture", [True, False])
+def test_cuda_graphs_node_samples_like_eager(quantized, stand_in_capture, monkeypatch):
+    from viditq.nodes import cuda_graphs
+
+    if stand_in_capture:
+        monkeypatch.setattr(cuda_graphs, "CAPTURE", fake_capture)
+    eager = _ksample(quantized)
+    (graphed,) = cuda_graphs.ViDiTQCudaGraphs.execute(quantized, 2).args
+    assert graphed is not quantized and not _stand_ins(quantized)[0]
+    out = _ksample(graphed)
+    assert torch.equal(out, eager)
+    wrappers, stand_ins = _stand_ins(graphed)
+    assert len(wrappers) == 1 and len(stand_ins) == 1
+    stats = stand_ins[0].graphs.stats
+    # 4 steps, cond + uncond in one call each: eager, record, replay, replay (the CPU: eager 4 times)
+    assert stats == ({"eager": 1, "captured": 1, "replayed": 2} if stand_in_capture else
+                     {"eager": 4, "captured": 0, "replayed": 0}), stats
+    if stand_in_capture:  # another seed reuses the recorded graph (ComfyUI's new uuids are not compared)
+        assert torch.equal(_ksample(graphed, seed=5), _ksample(quantized, seed=5))
+        assert stats["captured"] == 1 and stats["replayed"] == 6
+    assert torch.equal(_ksample(quantized), eager)  # the input MODEL still runs as before
+
+
+def test_cuda_graphs_node_refuses_graph_compiled_models(quantized):
+    from viditq.nodes.compile_model import ViDiTQCompileModel
+    from viditq.nodes.cuda_graphs import ViDiTQCudaGraphs
+
+    for mode, backend in (("reduce-overhead", "inductor"), ("default", "cudagraphs")):
+        (compiled,) = ViDiTQCompileModel.execute(quantized, mode, True, backend).args
+        with pytest.raises(ValueError, match="already compiled with CUDA graphs"):
+            ViDiTQCudaGraphs.execute(compiled)
+    (compiled,) = ViDiTQCompileModel.execute(quantized, "default", True, "inductor", False).args
+    assert ViDiTQCudaGraphs.execute(compiled).args[0] is not compiled  # Inductor without graphs: allowed
+    schema = ViDiTQCudaGraphs.define_schema()
+    assert schema.node_id == "ViDiTQCudaGraphs"

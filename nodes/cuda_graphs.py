@@ -8,7 +8,8 @@ graphed one during each call, on a clone of the MODEL.
 What a replay does not see: anything the diffusion model reads besides its tensor arguments. transformer_options
 is passed at capture and not compared afterwards (ComfyUI rebuilds it every step with fresh uuids, so comparing it
 would capture every run anew); calls with attention patches (patches / patches_replace) or a ControlNet run
-eagerly, as do calls on a CPU.
+eagerly, as do calls on a CPU and calls while ComfyUI streams the weights (lowvram). When ComfyUI loads or detaches
+the model (its weights may move), the graphs are dropped and recorded again.
 """
 import logging
 import weakref
@@ -58,6 +59,8 @@ def cuda_graphs_wrapper(max_graphs: int):
 
     def wrapper(executor, *args, **kwargs):
         base = executor.class_obj
+        if getattr(base, "model_lowvram", False):  # weights move in and out per call: a graph would read stale ones
+            return executor(*args, **kwargs)
         module = base.diffusion_model
         stand_in = graphed.get(module)
         if stand_in is None:
@@ -68,7 +71,11 @@ def cuda_graphs_wrapper(max_graphs: int):
         finally:
             base.diffusion_model = module
 
-    wrapper.graphed = graphed
+    def reset(*_args, **_kwargs):
+        """ComfyUI (re)loaded or detached the model: its weights may live elsewhere now, so record anew."""
+        graphed.clear()
+
+    wrapper.graphed, wrapper.reset = graphed, reset
     return wrapper
 
 
@@ -106,7 +113,13 @@ class ViDiTQCudaGraphs(io.ComfyNode):
                              f"{kwargs.get('mode')}, backend {kwargs.get('backend')}); use one or the other")
         if not torch.cuda.is_available():
             log.info("ViDiT-Q CUDA Graphs: no CUDA device; the model runs without graphs")
+        from comfy.patcher_extension import CallbacksMP
+
         graphed = model.clone()
         graphed.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY)
-        graphed.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, cuda_graphs_wrapper(int(max_graphs)))
+        wrapper = cuda_graphs_wrapper(int(max_graphs))
+        graphed.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, wrapper)
+        for event in (CallbacksMP.ON_LOAD, CallbacksMP.ON_DETACH):  # new weight addresses: drop the graphs
+            graphed.remove_callbacks_with_key(event, WRAPPER_KEY)
+            graphed.add_callback_with_key(event, WRAPPER_KEY, wrapper.reset)
         return io.NodeOutput(graphed)

@@ -3,8 +3,8 @@
 A quantized DiT step launches a few hundred small kernels, and in eager mode the host (Python, Triton's launcher)
 takes longer than the GPU. Capturing the call once and replaying it removes that cost. torch.compile's graph modes
 do this too, but through Dynamo's guards and CUDA graph trees, whose per-call bookkeeping grows with the number of
-tensors the model holds (measured on an H200: a quantized PixArt step at 512 px took 16 ms per call through
-torch.compile(backend="cudagraphs") against 7 ms of kernels). Here a call costs the copies of its input tensors
+tensors the model holds (measured on an H200, bench_e2e run 16: a quantized PixArt step at 512 px took 9.0 ms per
+call through torch.compile(backend="cudagraphs"), 6.6 ms through this). Here a call costs the copies of its input tensors
 into the graph's static buffers, one replay, and one copy of the output.
 
 What makes a new graph (the signature): the shapes, dtypes, devices and strides of the tensor arguments (nested in

@@ -44,6 +44,7 @@ Variants (all in one process, same inputs):
                         its "eager" column is what one call costs a ComfyUI user, graph replay included
   fp16_stepgraphs / w8a8_stepgraphs / w8a8_sq_stepgraphs  the eager model through kernels/step_graph.StepGraphs
                         (ViDiTQCudaGraphs: our own capture and replay, no Dynamo); "eager" = one call, replay included
+  w4a8_stepgraphs / w4a8_plan_stepgraphs  the same for W4A8 with every fusion: all linears at 4 bits / the MLP at 8
 Every variant is checked first (output rel error vs bf16, finite), then timed: one step as the median of many
 eager calls after warm-up (CUDA events), the same from a CUDA-graph replay where capture works, and a 20-step Euler
 CFG run (wall). A torch.profiler breakdown (kernel time by kind, per block) for fp16 and the best variant, and an
@@ -75,8 +76,8 @@ ALL_VARIANTS = ["fp16", "fp16_attn_fp8", "w8a8_int8", "w8a8_fp8", "w8a8_fp8_attn
                 "w8a8_sq_fused", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile", "fp16_strided", "w8a8_sq_fpcompile",
                 "w8a8_sq_frcompile", "w8a8_fp8_norot_frcompile", "w8a8_compile", "w8a8_frcompile",
                 "w8a8_fp8_frcompile", "fp16_cudagraphs", "w8a8_cudagraphs", "w8a8_sq_cudagraphs", "fp16_stepgraphs",
-                "w8a8_stepgraphs", "w8a8_sq_stepgraphs"]
-STEPGRAPHS = {"fp16_stepgraphs", "w8a8_stepgraphs", "w8a8_sq_stepgraphs"}
+                "w8a8_stepgraphs", "w8a8_sq_stepgraphs", "w4a8_stepgraphs", "w4a8_plan_stepgraphs"]
+STEPGRAPHS = {"fp16_stepgraphs", "w8a8_stepgraphs", "w8a8_sq_stepgraphs", "w4a8_stepgraphs", "w4a8_plan_stepgraphs"}
 # whole model through torch.compile(backend="cudagraphs") (ViDiTQCompileModel's no-codegen backend)
 CUDAGRAPHS = {"fp16_cudagraphs", "w8a8_cudagraphs", "w8a8_sq_cudagraphs"}
 COMPILED = {"w8a8_compile", "w8a8_frcompile", "w8a8_fp8_frcompile", "w8a8_full", "torchao_int8_compile", "fp16_compile", "w8a8_fp8_compile", "w8a8_fp8_norot_compile",
@@ -108,8 +109,10 @@ OURS = {"w8a8_int8": ("w8a8", {}, None, False, None), "w8a8_fp8": ("w8a8-fp8", {
         "w8a8_cudagraphs": ("w8a8", {}, None, False, None),
         "w8a8_sq_cudagraphs": ("w8a8-smoothquant", {}, None, False, None),
         "w8a8_stepgraphs": ("w8a8", {}, None, False, None),
-        "w8a8_sq_stepgraphs": ("w8a8-smoothquant", {}, None, False, None)}
-FUSED = {"w8a8_stepgraphs", "w8a8_sq_stepgraphs", "w8a8_cudagraphs", "w8a8_sq_cudagraphs", "w8a8_frcompile", "w8a8_fp8_frcompile", "w8a8_sq_fused", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile", "w8a8_sq_fpcompile", "w8a8_sq_frcompile",
+        "w8a8_sq_stepgraphs": ("w8a8-smoothquant", {}, None, False, None),
+        "w4a8_stepgraphs": ("w4a8", {}, None, False, None),  # every linear at 4 bits
+        "w4a8_plan_stepgraphs": ("w4a8", {}, None, False, None)}
+FUSED = {"w8a8_stepgraphs", "w8a8_sq_stepgraphs", "w4a8_stepgraphs", "w4a8_plan_stepgraphs", "w8a8_cudagraphs", "w8a8_sq_cudagraphs", "w8a8_frcompile", "w8a8_fp8_frcompile", "w8a8_sq_fused", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile", "w8a8_sq_fpcompile", "w8a8_sq_frcompile",
          "w8a8_fp8_norot_frcompile"}
 # the fusion switches each fused variant installs with (the names keep what they measured when they were added)
 FUSE_SWITCHES = {"w8a8_sq_fcompile": {"VIDITQ_FUSE_PLAIN": "0", "VIDITQ_FUSE_RESIDUAL": "0"},
@@ -985,7 +988,7 @@ def main():
             elif v in OURS:
                 preset, changes, attn, compiled, quant_mode = OURS[v]
                 cfg = dataclasses.replace(get_preset(preset), **changes)
-                plan = plan_mlp8(model) if v == "w4a8_plan" else None
+                plan = plan_mlp8(model) if v in ("w4a8_plan", "w4a8_plan_stepgraphs") else None
                 layers, summary = build_quant_layers(model, cfg, None, plan, "auto")
                 switches = FUSE_SWITCHES.get(v, {})
                 os.environ.update(switches)

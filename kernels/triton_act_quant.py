@@ -534,6 +534,11 @@ class Tuner:
             best = candidates[0]
         else:
             times = {}
+            if self.graph:
+                # triton's do_bench_cudagraph runs its first call on a fresh stream that does not wait for ours:
+                # without this, a candidate could write its output into memory that queued kernels of this stream
+                # are still reading (a block freed and handed out again) or read inputs not yet written
+                torch.cuda.synchronize()
             for c in candidates:
                 try:
                     launch(c)  # compile + warm

@@ -68,20 +68,27 @@ def _int4_halves(w):
 
 
 @triton.jit
-def _int4_halves_u(w):
+def _int4_halves_u(w, ASM: tl.constexpr = False):
     """Packed bytes -> the raw nibbles (value + 8, in [0, 15]) as int8: two bitwise ops, no sign handling. The GEMM
-    then subtracts 8 * (per-token sum of the activation codes) once in its epilogue."""
+    then subtracts 8 * (per-token sum of the activation codes) once in its epilogue.
+    ASM (GPU only): the same ops on four bytes per 32-bit register (3 instructions per 8 nibbles); Triton's own
+    lowering extracts, shifts, masks and re-packs each byte (~16 SASS instructions per 8 nibbles, sm_90a)."""
+    if ASM:
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; and.b32 $0, $2, 0x0F0F0F0F; shr.u32 t, $2, 4; and.b32 $1, t, 0x0F0F0F0F; }",
+            "=r,=r,r", [w], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+        return lo, hi
     return (w & 15).to(tl.int8), (w >> 4).to(tl.int8)
 
 
 @triton.jit
-def _w4_operand32(w, U4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _w4_operand32(w, U4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr = False):
     """Packed bytes [BLOCK_N, BLOCK_K/2] -> one [BLOCK_N, BLOCK_K] int8 operand whose channel order within each
     32-channel block is: the 16 even channels, then the 16 odd ones ("perm32", the order the quantize kernel writes
     activation codes in for this GEMM). With the low nibbles of bytes 16b..16b+15 being one 16-run and the high
     nibbles the next, the join below lands each thread's bytes in the registers the wgmma operand layout wants."""
     if U4:
-        lo, hi = _int4_halves_u(w)
+        lo, hi = _int4_halves_u(w, ASM)
     else:
         lo, hi = _int4_halves(w)
     lo = tl.reshape(lo, [BLOCK_N, BLOCK_K // 32, 16])
@@ -345,7 +352,7 @@ def _fold_group_t(acc_f, acc_i, g, offs_n, offs_m, M, N, WS, WZ, QS, stride_ws, 
 def _w4_swap_kernel(A, B, C, AS, WS, WZ, QS, BIAS, M, N, K, stride_am, stride_bn, stride_cm, stride_ws, stride_qs,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                     GROUP_K: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, MAGIC: tl.constexpr,
-                    U4: tl.constexpr = False, MERGE: tl.constexpr = False):
+                    U4: tl.constexpr = False, MERGE: tl.constexpr = False, ASM: tl.constexpr = False):
     """Pointer-load variant, one program per output tile; A parity-split (MERGE: perm32, one dot per K step),
     K % BLOCK_K == 0, BLOCK_K == GROUP_K when group-wise."""
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -365,7 +372,7 @@ def _w4_swap_kernel(A, B, C, AS, WS, WZ, QS, BIAS, M, N, K, stride_am, stride_bn
     acc_f = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for kt in range(0, K // BLOCK_K):
         if MERGE:
-            wa = _w4_operand32(tl.load(b_ptrs), U4, BLOCK_N, BLOCK_K)
+            wa = _w4_operand32(tl.load(b_ptrs), U4, BLOCK_N, BLOCK_K, ASM)
             if GROUP_K == 0:
                 acc = tl.dot(wa, tl.trans(tl.load(a_ptrs)), acc, out_dtype=tl.int32)
             else:
@@ -375,7 +382,7 @@ def _w4_swap_kernel(A, B, C, AS, WS, WZ, QS, BIAS, M, N, K, stride_am, stride_bn
             a_ptrs += BLOCK_K
         else:
             if U4:
-                lo, hi = _int4_halves_u(tl.load(b_ptrs))
+                lo, hi = _int4_halves_u(tl.load(b_ptrs), ASM)
             else:
                 lo, hi = _int4_halves(tl.load(b_ptrs))
             if GROUP_K == 0:
@@ -402,7 +409,8 @@ def _w4_swap_kernel(A, B, C, AS, WS, WZ, QS, BIAS, M, N, K, stride_am, stride_bn
 def _w4_swap_tma_kernel(a_desc, b_desc, C, AS, WS, WZ, QS, BIAS, M, N, K, stride_cm, stride_ws, stride_qs, NUM_PROGS,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                         GROUP_K: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, MAGIC: tl.constexpr,
-                        EPI_TMA: tl.constexpr, U4: tl.constexpr = False, MERGE: tl.constexpr = False):
+                        EPI_TMA: tl.constexpr, U4: tl.constexpr = False, MERGE: tl.constexpr = False,
+                        ASM: tl.constexpr = False):
     """Persistent TMA variant: the (tile, k) loops flattened as in `_qgemm_tma_kernel`."""
     start = tl.program_id(0)
     KH: tl.constexpr = BLOCK_K // 2
@@ -421,7 +429,7 @@ def _w4_swap_tma_kernel(a_desc, b_desc, C, AS, WS, WZ, QS, BIAS, M, N, K, stride
             tile += NUM_PROGS
             pid_m, pid_n = _tile_ids(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         if MERGE:  # perm32 activations: one [BLOCK_M, BLOCK_K] tile, one dot per K step
-            wa = _w4_operand32(b_desc.load([pid_n * BLOCK_N, ki * KH]), U4, BLOCK_N, BLOCK_K)
+            wa = _w4_operand32(b_desc.load([pid_n * BLOCK_N, ki * KH]), U4, BLOCK_N, BLOCK_K, ASM)
             a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
             if GROUP_K == 0:
                 acc = tl.dot(wa, tl.trans(a), acc, out_dtype=tl.int32)
@@ -429,7 +437,7 @@ def _w4_swap_tma_kernel(a_desc, b_desc, C, AS, WS, WZ, QS, BIAS, M, N, K, stride
                 part = tl.dot(wa, tl.trans(a), out_dtype=tl.int32)
         else:  # parity-split activations: two dots per K step
             if U4:
-                lo, hi = _int4_halves_u(b_desc.load([pid_n * BLOCK_N, ki * KH]))
+                lo, hi = _int4_halves_u(b_desc.load([pid_n * BLOCK_N, ki * KH]), ASM)
             else:
                 lo, hi = _int4_halves(b_desc.load([pid_n * BLOCK_N, ki * KH]))
             a_e = a_desc.load([pid_m * BLOCK_M, ki * KH])
@@ -570,6 +578,13 @@ def candidates(m: int, n: int, k: int, w_int4: bool, group_k: int, tma: bool, tm
     return out
 
 
+def w4_asm_ok(device: torch.device) -> bool:
+    """Unpack int4 nibbles with inline PTX (NVIDIA GPUs; not the interpreter, not ROCm). VIDITQ_W4_ASM=0: Triton's
+    own byte-by-byte lowering (for comparison / debugging)."""
+    return (not INTERPRET and device.type == "cuda" and torch.version.hip is None
+            and os.environ.get("VIDITQ_W4_ASM", "1") != "0")
+
+
 def tensor_cache(t: torch.Tensor, attr: str) -> dict:
     """A dict kept as an attribute of the tensor itself, freed with it; a moved or reloaded weight (a new tensor)
     starts afresh. What goes in must not reference the tensor (a reference cycle would keep a model's weights
@@ -631,8 +646,8 @@ def launcher(cfg, n, k, group_k, has_zero, has_bias, magic, u4, perm_mode, devic
     nsm = _device_info(device_str)[1]
     w_int4 = flags["W_INT4"]
     if kind.startswith("swap"):
-        kw = dict(GROUP_K=group_k, HAS_ZERO=has_zero, HAS_BIAS=has_bias, MAGIC=magic, U4=u4, MERGE=perm_mode == 2,
-                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_stages=st, num_warps=nw)
+        kw = dict(GROUP_K=group_k, HAS_ZERO=has_zero, HAS_BIAS=has_bias, MAGIC=magic, U4=bool(u4), ASM=u4 == 2,
+                  MERGE=perm_mode == 2, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_stages=st, num_warps=nw)
         if kind == "swap":
             def fn(q, a_scale, a_qsum, wd, ws, wz, bias_t, c, m):
                 qs, stride_qs = (a_qsum, a_qsum.stride(0)) if use_qsum else (a_scale, 0)
@@ -717,7 +732,9 @@ def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False, return_launc
     if has_zero and a.qsum is None:
         return None
     n_groups = k // group_k if group_k else 1
-    u4 = w.fmt == "int4" and perm_mode > 0 and a.qsum is not None and tuple(a.qsum.shape) == (m, n_groups)
+    u4 = int(w.fmt == "int4" and perm_mode > 0 and a.qsum is not None and tuple(a.qsum.shape) == (m, n_groups))
+    if u4 and w4_asm_ok(q.device):
+        u4 = 2  # the nibbles unpacked four bytes per register by inline PTX
     if perm_mode and (w.fmt != "int4" or k % (32 if perm_mode == 1 else 64)):
         return None
     dev = q.device

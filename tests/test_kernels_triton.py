@@ -582,3 +582,24 @@ def test_tuner_forced_and_cached():
     assert t.pick(("k",), [(1,), (2,)], lambda c: None) == (1,)  # interpreter: the first candidate
     t.force = (2,)
     assert t.pick(("k",), [(1,), (2,)], lambda c: None) == (2,)
+
+
+def test_graph_tuner_waits_for_queued_work_before_timing(monkeypatch):
+    """do_bench_cudagraph's first call runs on a fresh stream that does not wait for the caller's: the tuner must
+    synchronize first, or a candidate writes into memory queued kernels still read (seen on the H200 as a corrupted
+    reference in a benchmark). GPU calls are stand-ins here; the order of events is what is checked."""
+    events = []
+    monkeypatch.setattr(taq, "INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: events.append("sync"))
+
+    def fake_bench(fn, **kw):
+        fn()
+        return {(1,): 2.0, (2,): 1.0}[events[-1][1]]
+
+    monkeypatch.setattr(taq.triton.testing, "do_bench_cudagraph", fake_bench)
+    t = taq.Tuner("t", graph=True)
+    assert t.pick(("k",), [(1,), (2,)], lambda c: events.append(("launch", c))) == (2,)
+    assert events[0] == "sync"  # before any candidate ran
+    assert [e for e in events if e != "sync"] == [("launch", (1,))] * 2 + [("launch", (2,))] * 2

@@ -74,7 +74,7 @@ def check_fused(rows):
     from viditq.quant_core import fusion_patches
 
     model, (x, t, ctx), g = small_pixart(seed=2)
-    for preset in ("w8a8-smoothquant", "w8a8-fp8-norot", "w8a8", "w8a8-fp8"):  # the last two rotated
+    for preset in ("w8a8-smoothquant", "w8a8-fp8-norot", "w8a8", "w8a8-fp8", "w4a8"):  # the last three rotated
         cfg = dataclasses.replace(get_preset("w8a8-fp8"), rotate=False) if preset == "w8a8-fp8-norot" \
             else get_preset(preset)
         layers, _ = build_quant_layers(model, cfg, None, None, "auto")

@@ -117,8 +117,8 @@ def _check_speed(x2, w, m, k, n, act_fmt, run):
 
 
 # Environment variables that change which kernels a call takes: a layer keeps one plan per their values.
-_PLAN_ENV = ("VIDITQ_W4_PERM", "VIDITQ_W4_U4", "VIDITQ_W4_LAYOUT", "VIDITQ_TUNE", _aq.HAD_PREC_ENV, _aq._LEGACY_ENV,
-             _aq._PQ_ENV, _gemm._KINDS_ENV)
+_PLAN_ENV = ("VIDITQ_W4_PERM", "VIDITQ_W4_U4", "VIDITQ_W4_LAYOUT", "VIDITQ_W4_ASM", "VIDITQ_TUNE", _aq.HAD_PREC_ENV,
+             _aq._LEGACY_ENV, _aq._PQ_ENV, _gemm._KINDS_ENV)
 
 
 class LinearPlan:
@@ -179,24 +179,32 @@ class FusedPlan:
     sampling and compiled graphs without CUDA graphs call every fused layer once per block per step; the full path's
     checks, tuner lookups and argument setup cost ~2-3x the two launches themselves on the GPU's host."""
 
-    __slots__ = ("quant", "gemm", "k", "n", "qdtype", "norm")
+    __slots__ = ("quant", "gemm", "k", "n", "qdtype", "norm", "w4")
 
-    def __init__(self, quant, gemm, k, n, qdtype, norm):
+    def __init__(self, quant, gemm, k, n, qdtype, norm, w4=False):
         self.quant, self.gemm, self.k, self.n, self.qdtype, self.norm = quant, gemm, k, n, qdtype, norm
+        self.w4 = w4  # int4 weights: perm32 codes + row sums, the residual added after the GEMM
 
     def __call__(self, x2, shift, scale, rows_per_sample, w, bias, mult, residual, gate, res_rows):
         m, k = x2.shape
         dev = x2.device
         q = torch.empty((m, k), device=dev, dtype=self.qdtype)
         s = torch.empty((m,), device=dev, dtype=torch.float32)
+        qs = torch.empty((m, 1), device=dev, dtype=torch.int32) if self.w4 else None
         if self.norm:
             rps = int(rows_per_sample)
             sh, sc, stride_sh, stride_sc = _pq.adaln_rows(shift, scale, m, rps, k)
-            self.quant(x2, sh, sc, s if mult is None else mult, q, s, m, rps, stride_sh, stride_sc)
+            self.quant(x2, sh, sc, s if mult is None else mult, q, s, m, rps, stride_sh, stride_sc, qs)
         else:
-            self.quant(x2, s, s, s if mult is None else mult, q, s, m, max(m, 1), 0, 0)
-        c = torch.empty((m, self.n), device=dev, dtype=x2.dtype)
+            self.quant(x2, s, s, s if mult is None else mult, q, s, m, max(m, 1), 0, 0, qs)
         bias_t = s if bias is None else bias
+        if self.w4:
+            if residual is not None:
+                _gemm.check_residual(residual, gate, res_rows, m, self.n)
+            c = torch.empty((m, self.n), device=dev, dtype=x2.dtype if residual is None else torch.float32)
+            self.gemm(q, s, qs, w.data, w.scale, w.scale, bias_t, c, m)
+            return c if residual is None else reference.residual_add(c, x2.dtype, residual, gate, res_rows)
+        c = torch.empty((m, self.n), device=dev, dtype=x2.dtype)
         if residual is None:
             self.gemm(q, s, None, w.data, w.scale, w.scale, bias_t, c, m)
         else:
@@ -229,19 +237,33 @@ def prologue_quant_linear(x, prologue, shift, scale, rows_per_sample, eps, w, bi
             return plan(x2, shift, scale, rows_per_sample, w, bias, mult, residual, gate, res_rows)
     if act_fmt == "fp8" and not fp8_ok(x.device):
         return None
+    # per-channel int4 weights: the codes in the swapped W4A8 kernels' "perm32" order with each row's code sum
+    # (the raw-nibble GEMM subtracts 8 x the sum), written by the same one-pass kernel
+    w4 = (w.fmt == "int4" and not w.group_size and w.zero is None and act_fmt == "int8" and k % 64 == 0
+          and os.environ.get("VIDITQ_W4_PERM", "1") != "0")
     got = _pq.prologue_quantize(x2, prologue, shift, scale, rows_per_sample, eps, mult, act_fmt, act_qmax, had,
-                                return_launch=True)
+                                return_launch=True, perm32=w4)
     if got is None:
         return None
     a, quant_fn = got
-    got = _gemm.quantized_matmul(a, w, bias, x.dtype, return_launch=True, residual=residual, gate=gate,
-                                 res_rows=res_rows)
-    if got is None:  # no GEMM (or no residual epilogue) for this weight format: the general path
-        return quantized_matmul(a, w, bias, x.dtype, residual, gate, res_rows)
-    y, gemm_fn = got
+    if w4:  # no residual epilogue in the W4A8 kernels: the GEMM in fp32, then the gated add
+        got = _gemm.quantized_matmul(a, w, bias, x.dtype if residual is None else torch.float32, a_perm="perm32",
+                                     return_launch=True)
+        if got is None:
+            return None
+        y, gemm_fn = got
+        if residual is not None:
+            _gemm.check_residual(residual, gate, res_rows, m, w.out_features)
+            y = reference.residual_add(y, x.dtype, residual, gate, res_rows)
+    else:
+        got = _gemm.quantized_matmul(a, w, bias, x.dtype, return_launch=True, residual=residual, gate=gate,
+                                     res_rows=res_rows)
+        if got is None:  # no GEMM (or no residual epilogue) for this weight format: the general path
+            return quantized_matmul(a, w, bias, x.dtype, residual, gate, res_rows)
+        y, gemm_fn = got
     if plannable and quant_fn is not None and gemm_fn is not None:
         _gemm.tensor_cache(w.data, "_viditq_fused_plans")[key] = FusedPlan(
-            quant_fn, gemm_fn, k, w.out_features, a.q.dtype, prologue == "norm_modulate")
+            quant_fn, gemm_fn, k, w.out_features, a.q.dtype, prologue == "norm_modulate", w4)
     return y
 
 

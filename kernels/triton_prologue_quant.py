@@ -140,6 +140,18 @@ def _fwht(x, R: tl.constexpr, C: tl.constexpr, HAD: tl.constexpr):
 
 
 @triton.jit
+def _store_codes_w4(Q, rows64, cols, stride_qm, v, m2, R: tl.constexpr, BK: tl.constexpr):
+    """int8 codes of v (as _store_codes) written in the W4A8 GEMM's "perm32" channel order (within every 32
+    channels the 16 even ones, then the 16 odd ones: a reshuffle in registers, then contiguous stores; the mask
+    is the same as K % 32 == 0); returns each row's sum of the codes (int32), which the raw-nibble W4A8 kernels
+    subtract 8 times in their epilogue."""
+    code = (v + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+    qp = tl.reshape(tl.permute(tl.reshape(code.to(tl.int8), [R, BK // 32, 16, 2]), [0, 1, 3, 2]), [R, BK])
+    tl.store(Q + rows64[:, None] * stride_qm + cols[None, :], qp, mask=m2)
+    return tl.sum(tl.where(m2, code, 0), axis=1)
+
+
+@triton.jit
 def _row_scale(amax, hscale, fmax):
     """(scale to store, factor for the unnormalized transformed row): amax is the row's abs-max before the
     Hadamard normalization hscale = 1 / sqrt(HAD) (1 without rotation)."""
@@ -152,9 +164,10 @@ def _prologue_quant_kernel(X, SHIFT, SCL, MULT, Q, S,
                            M, K, stride_xm, stride_qm, rows_per_sample, stride_shb, stride_scb, eps, fmax, hscale,
                            ROWS: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr, PROLOGUE: tl.constexpr,
                            HAS_MULT: tl.constexpr, ONE_SAMPLE: tl.constexpr, IS_FP8: tl.constexpr,
-                           FP8_SOFT: tl.constexpr, HAD: tl.constexpr):
+                           FP8_SOFT: tl.constexpr, HAD: tl.constexpr, QSUM=None, W4: tl.constexpr = False):
     """ROWS whole rows per program, each held as two power-of-two pieces [0, BK1) + [BK1, BK1 + BK2) (1152 =
-    1024 + 128, 4608 = 4096 + 512: no padded lanes where K is such a sum; BK2 = 0: one piece)."""
+    1024 + 128, 4608 = 4096 + 512: no padded lanes where K is such a sum; BK2 = 0: one piece).
+    W4 (int8 codes for the W4A8 GEMM): codes in "perm32" order and each row's code sum into QSUM."""
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     rmask = rows < M
@@ -193,17 +206,23 @@ def _prologue_quant_kernel(X, SHIFT, SCL, MULT, Q, S,
         amax = tl.maximum(amax, tl.max(tl.abs(x2), axis=1))
     sc, inv = _row_scale(amax, hscale, fmax)
     tl.store(S + rows, sc, mask=rmask)
-    _store_codes(Q + rows64[:, None] * stride_qm + c1[None, :], x1 * inv[:, None], m1, fmax, IS_FP8, FP8_SOFT)
-    if BK2 > 0:
-        _store_codes(Q + rows64[:, None] * stride_qm + c2[None, :], x2 * inv[:, None], m2, fmax, IS_FP8,
-                     FP8_SOFT)
+    if W4:
+        tot = _store_codes_w4(Q, rows64, c1, stride_qm, x1 * inv[:, None], m1, ROWS, BK1)
+        if BK2 > 0:
+            tot += _store_codes_w4(Q, rows64, c2, stride_qm, x2 * inv[:, None], m2, ROWS, BK2)
+        tl.store(QSUM + rows, tot, mask=rmask)
+    else:
+        _store_codes(Q + rows64[:, None] * stride_qm + c1[None, :], x1 * inv[:, None], m1, fmax, IS_FP8, FP8_SOFT)
+        if BK2 > 0:
+            _store_codes(Q + rows64[:, None] * stride_qm + c2[None, :], x2 * inv[:, None], m2, fmax, IS_FP8,
+                         FP8_SOFT)
 
 
 @triton.jit
 def _gelu_quant_chunked_kernel(X, MULT, Q, S, M, K, stride_xm, stride_qm, fmax, hscale,
                                ROWS: tl.constexpr, CK: tl.constexpr, PROLOGUE: tl.constexpr,
                                HAS_MULT: tl.constexpr, IS_FP8: tl.constexpr, FP8_SOFT: tl.constexpr,
-                               HAD: tl.constexpr):
+                               HAD: tl.constexpr, QSUM=None, W4: tl.constexpr = False):
     """GELU prologue for wide rows (fc2's K = 4608): two passes over K in chunks of CK (a multiple of HAD), the
     second re-reading x from L2 (and transforming it again), instead of one whole row in registers."""
     pid = tl.program_id(0)
@@ -218,11 +237,18 @@ def _gelu_quant_chunked_kernel(X, MULT, Q, S, M, K, stride_xm, stride_qm, fmax, 
         amax = tl.maximum(amax, tl.max(tl.where(m2, tl.abs(x), 0.0), axis=1))
     sc, inv = _row_scale(amax, hscale, fmax)
     tl.store(S + rows, sc, mask=rmask)
+    tot = tl.zeros([ROWS], dtype=tl.int32)
     for k0 in tl.range(0, K, CK, num_stages=3):
         x, cols, m2 = _gelu_chunk(X, MULT, rows64, rmask, k0, K, stride_xm, CK, PROLOGUE, HAS_MULT)
         if HAD > 1:
             x = _fwht(x, ROWS, CK, HAD)
-        _store_codes(Q + rows64[:, None] * stride_qm + cols[None, :], x * inv[:, None], m2, fmax, IS_FP8, FP8_SOFT)
+        if W4:
+            tot += _store_codes_w4(Q, rows64, cols, stride_qm, x * inv[:, None], m2, ROWS, CK)
+        else:
+            _store_codes(Q + rows64[:, None] * stride_qm + cols[None, :], x * inv[:, None], m2, fmax, IS_FP8,
+                         FP8_SOFT)
+    if W4:
+        tl.store(QSUM + rows, tot, mask=rmask)
 
 
 tuner = Tuner("prologue_quant", graph=True)  # microseconds of kernel: eager timing would time the host
@@ -290,15 +316,19 @@ def adaln_rows(shift, scale, m: int, rows_per_sample: int, k: int):
 
 
 def prologue_quantize(x, prologue, shift=None, scale=None, rows_per_sample=0, eps=1e-6, mult=None, fmt="int8",
-                      qmax=127, had_block=0, return_launch=False):
+                      qmax=127, had_block=0, return_launch=False, perm32=False):
     """Triton twin of reference.prologue_quantize; None when no kernel fits (caller uses the reference).
-    return_launch: (activation, the tuned launch for this row shape: launcher's fn) instead."""
+    return_launch: (activation, the tuned launch for this row shape: launcher's fn) instead.
+    perm32 (int8, K % 32 == 0; for the W4A8 GEMM): the codes in "perm32" channel order, each row's code sum in the
+    activation's qsum [M, 1] (triton_act_quant.quantize_activation(perm="perm32", sum_group=K) writes the same)."""
     if prologue not in PROLOGUES or fmt not in ("int8", "fp8"):
         raise ValueError(f"prologue_quantize: unknown prologue {prologue!r} or format {fmt!r}")
     k = x.shape[-1]
     had = int(had_block) if had_block and had_block > 1 else 0
     if k > MAX_K or x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not had_supported(k, had):
         return None
+    if perm32 and (fmt != "int8" or k % 32):
+        raise ValueError(f"prologue_quantize: perm32 codes need int8 and K % 32 == 0 (K = {k}, {fmt})")
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -306,8 +336,9 @@ def prologue_quantize(x, prologue, shift=None, scale=None, rows_per_sample=0, ep
     dev = x2.device
     q = torch.empty((m, k), device=dev, dtype=torch.float8_e4m3fn if fmt == "fp8" else torch.int8)
     s = torch.empty((m,), device=dev, dtype=torch.float32)
+    qs = torch.empty((m, 1), device=dev, dtype=torch.int32) if perm32 else None
     if m == 0:
-        a = QuantizedActivation(q=q, scale=s)
+        a = QuantizedActivation(q=q, scale=s, qsum=qs)
         return (a, None) if return_launch else a
     pcode = PROLOGUES[prologue]
     if pcode == 3:
@@ -321,40 +352,42 @@ def prologue_quantize(x, prologue, shift=None, scale=None, rows_per_sample=0, ep
     if has_mult and (mult.device != dev or not mult.is_contiguous() or mult.dim() != 1):
         mult = mult.reshape(-1).to(device=dev).contiguous()
     fmax = FP8_E4M3_MAX if fmt == "fp8" else float(qmax)
-    setup = (k, pcode, has_mult, fmt, had, float(eps), fmax)
-    args = (x2, sh, sc, mult if has_mult else s, q, s, m, rows_per_sample, stride_sh, stride_sc)
+    setup = (k, pcode, has_mult, fmt, had, float(eps), fmax, bool(perm32))
+    args = (x2, sh, sc, mult if has_mult else s, q, s, m, rows_per_sample, stride_sh, stride_sc, qs)
 
     def launch(c):
         return launcher(c, *setup)(*args)
 
     global last_config
-    key = (k, m_bucket(m), x2.dtype, str(dev), pcode, has_mult, fmt, had, os.environ.get("VIDITQ_TUNE", "1"))
+    key = (k, m_bucket(m), x2.dtype, str(dev), pcode, has_mult, fmt, had, os.environ.get("VIDITQ_TUNE", "1"),
+           bool(perm32))
     last_config = tuner.pick(key, candidates(k, m, pcode, had), launch)
     launch(last_config)
-    a = QuantizedActivation(q=q, scale=s)
+    a = QuantizedActivation(q=q, scale=s, qsum=qs)
     return (a, launcher(last_config, *setup)) if return_launch else a
 
 
 @functools.lru_cache(maxsize=256)
-def launcher(c, k, pcode, has_mult, fmt, had, eps, fmax):
+def launcher(c, k, pcode, has_mult, fmt, had, eps, fmax, w4=False):
     """The launch of candidate c for one row shape with everything but the tensors bound once:
-    fn(x2, shift_rows, scale_rows, mult_or_s, q, s, m, rows_per_sample, stride_sh, stride_sc) (a fused layer's launch
-    plan keeps it: triton_ops.FusedPlan)."""
+    fn(x2, shift_rows, scale_rows, mult_or_s, q, s, m, rows_per_sample, stride_sh, stride_sc[, qsum]) (a fused
+    layer's launch plan keeps it: triton_ops.FusedPlan); w4: perm32 codes and row sums into qsum [M, 1]."""
     rows, nw = c[:2]
     hscale = had ** -0.5 if had else 1.0
     is_fp8 = fmt == "fp8"
     if len(c) == 3:
-        def fn(x2, sh, sc, mv, q, s, m, rows_per_sample, stride_sh, stride_sc):
+        def fn(x2, sh, sc, mv, q, s, m, rows_per_sample, stride_sh, stride_sc, qs=None):
             return _gelu_quant_chunked_kernel[(_cdiv(m, rows),)](
                 x2, mv, q, s, m, k, x2.stride(0), q.stride(0), fmax, hscale, ROWS=rows, CK=c[2], PROLOGUE=pcode,
-                HAS_MULT=has_mult, IS_FP8=is_fp8, FP8_SOFT=INTERPRET, HAD=had, num_warps=nw)
+                HAS_MULT=has_mult, IS_FP8=is_fp8, FP8_SOFT=INTERPRET, HAD=had, QSUM=qs if w4 else s, W4=w4,
+                num_warps=nw)
         return fn
     bk1, bk2 = pieces(k)
     flags = dict(BK1=bk1, BK2=bk2, PROLOGUE=pcode, HAS_MULT=has_mult, IS_FP8=is_fp8, FP8_SOFT=INTERPRET, HAD=had,
-                 ROWS=rows, num_warps=nw)
+                 ROWS=rows, W4=w4, num_warps=nw)
 
-    def fn(x2, sh, sc, mv, q, s, m, rows_per_sample, stride_sh, stride_sc):
+    def fn(x2, sh, sc, mv, q, s, m, rows_per_sample, stride_sh, stride_sc, qs=None):
         return _prologue_quant_kernel[(_cdiv(m, rows),)](
             x2, sh, sc, mv, q, s, m, k, x2.stride(0), q.stride(0), rows_per_sample, stride_sh, stride_sc, eps, fmax,
-            hscale, ONE_SAMPLE=rows_per_sample % rows == 0, **flags)
+            hscale, ONE_SAMPLE=rows_per_sample % rows == 0, QSUM=qs if w4 else s, **flags)
     return fn

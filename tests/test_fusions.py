@@ -2,7 +2,7 @@
 
 Fused and unfused models must agree (they differ only in the fused path not rounding the producer's output to the
 model dtype before quantizing), the patches must restore cleanly, compile fullgraph, and leave alone what they
-cannot fuse (static scales, asymmetric / int4 weights, temporal STDiT3 blocks). Rotated layers fuse too: the
+cannot fuse (static scales, asymmetric / group-wise int4 weights, temporal STDiT3 blocks). Rotated layers fuse too: the
 kernel runs the block Hadamard after the prologue. ComfyUI's own PixArt block: see the
 ComfyUI test at the end."""
 import copy
@@ -47,7 +47,7 @@ def _config(preset):
     return get_preset(preset)
 
 
-@pytest.mark.parametrize("preset", ["w8a8-smoothquant", "w8a8-fp8-norot", "w8a8", "w8a8-fp8"])
+@pytest.mark.parametrize("preset", ["w8a8-smoothquant", "w8a8-fp8-norot", "w8a8", "w8a8-fp8", "w4a8"])
 def test_pixart_fused_matches_unfused_and_restores(preset):
     model = tiny_pixart(depth=2)
     args = _pixart_inputs()
@@ -74,13 +74,13 @@ def test_pixart_fused_matches_unfused_and_restores(preset):
         assert all(isinstance(b.mlp.act, nn.GELU) for b in model.blocks)
         assert torch.equal(model(*args), fp)  # FP model back exactly
     assert _rel(fused, unfused) < 3e-3, _rel(fused, unfused)
-    assert _rel(fused, fp) < 0.1
+    assert _rel(fused, fp) < (0.25 if preset.startswith("w4") else 0.1)  # int4 weights on a tiny random model
 
 
 def test_what_cannot_fuse_is_left_alone(monkeypatch):
     model = tiny_pixart(depth=1)
-    int4, _ = build_quant_layers(model, get_preset("w4a8"))  # int4 weights: their GEMM reads reordered codes
-    assert fusion_patches(model, int4) == {}
+    int4g, _ = build_quant_layers(model, get_preset("w4a8-g128"))  # group-wise int4: per-group code sums
+    assert fusion_patches(model, int4g) == {}
     static, _ = build_quant_layers(model, get_preset("w8a8-naive"), calibrate(model, steps=1))  # static scales
     assert fusion_patches(model, static) == {}
     sq, _ = build_quant_layers(model, get_preset("w8a8-smoothquant"))

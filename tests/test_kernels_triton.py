@@ -527,13 +527,16 @@ def test_quant_linear_plan_takes_the_call_tensors():
 
 @pytest.mark.parametrize("prologue,had,residual,fmt", [
     ("norm_modulate", 128, True, "int8"), ("gelu_tanh", 0, False, "int8"), ("none", 64, True, "int8"),
+    ("norm_modulate", 128, True, "int4"), ("gelu_tanh", 0, False, "int4"),
     pytest.param("norm_modulate", 0, True, "fp8", marks=fp8_only)])
 def test_fused_layer_plan_reuse(prologue, had, residual, fmt, monkeypatch):
     """triton_ops.prologue_quant_linear (a fused layer: producer + quantize, GEMM + epilogue): the second call at a
     token bucket runs the cached FusedPlan, with the same results as the full path (per-sample adaLN vectors, the
-    rotation, the gated residual); a call of another kind (no residual) makes its own plan."""
+    rotation, the gated residual); a call of another kind (no residual) makes its own plan. int4 weights: the
+    quantize writes perm32 codes + row sums for the swapped W4A8 kernel, the residual is added after the GEMM."""
     k, n, rows = 256, 72, 2
     w = make_w(n, k, fmt)
+    act = "fp8" if fmt == "fp8" else "int8"
     mult = torch.rand(k) + 0.5
     bias = torch.randn(n).to(torch.bfloat16)
 
@@ -545,14 +548,17 @@ def test_fused_layer_plan_reuse(prologue, had, residual, fmt, monkeypatch):
         if with_res:
             res = torch.randn(m, n, generator=g).to(torch.bfloat16)
             gate = torch.randn(m // rows, n, generator=g).to(torch.bfloat16)
-        y = triton_ops.prologue_quant_linear(x, prologue, ada[:, 0:1], ada[:, 1:2], rows, 1e-6, w, bias, mult, fmt,
+        y = triton_ops.prologue_quant_linear(x, prologue, ada[:, 0:1], ada[:, 1:2], rows, 1e-6, w, bias, mult, act,
                                              127, had, res, gate, rows)
-        a = reference.prologue_quantize(x, prologue, ada[:, 0:1], ada[:, 1:2], rows, 1e-6, mult, fmt, 127, had)
+        a = reference.prologue_quantize(x, prologue, ada[:, 0:1], ada[:, 1:2], rows, 1e-6, mult, act, 127, had)
         r = reference.quantized_matmul(a, w, bias, torch.float64, res, gate, rows)
-        assert y.shape == (m, n) and rel_err(y, r) < (2e-2 if fmt == "fp8" else 1e-2)
+        assert y.shape == (m, n) and y.dtype == x.dtype and rel_err(y, r) < (2e-2 if fmt == "fp8" else 1e-2)
 
     check(8, 1, residual)
     assert len(w.data._viditq_fused_plans) == 1
+    if fmt == "int4":
+        assert [p.w4 for p in w.data._viditq_fused_plans.values()] == [True]
+        assert tg.last_config[0].startswith("swap")  # the raw-nibble kernel on perm32 codes
     monkeypatch.setattr(triton_ops._pq, "prologue_quantize", lambda *a, **kw: pytest.fail("the full path ran again"))
     check(8, 2, residual)  # bucket 8 again: the plan, on new inputs
     check(6, 3, residual)  # 3 samples in the same bucket

@@ -147,3 +147,33 @@ def test_bad_shapes_are_refused():
         tpq.prologue_quantize(x, "norm_modulate", torch.zeros(4, 32), torch.zeros(4, 32), 3)
     with pytest.raises(ValueError, match="unknown prologue"):
         tpq.prologue_quantize(x, "relu")
+
+
+@pytest.mark.parametrize("prologue,m,k,had,chunked", [("norm_modulate", 7, 1152, 128, False),
+                                                      ("gelu_tanh", 6, 4608, 0, False),
+                                                      ("none", 130, 96, 32, False),
+                                                      ("gelu_tanh", 9, 256, 64, True),
+                                                      ("gelu", 5, 192, 0, True)])
+def test_perm32_codes_and_row_sums_for_w4a8(prologue, m, k, had, chunked):
+    """perm32 (the W4A8 GEMM's layout): the same codes as the natural order, each 32-channel block written as its
+    16 even then its 16 odd channels, and each row's code sum in qsum; outputs poisoned first."""
+    rows = m if m % 2 else m // 2
+    x, shift, scale, mult = _inputs(m, k, torch.bfloat16, seed=m + k, batch=m // rows)
+    x[0, :2] = torch.tensor([500.0, -500.0])
+    args = (x, prologue, shift, scale, rows, 1e-6, mult, "int8", 127, had)
+    tpq.tuner.force = (2, 4, 64) if chunked else None
+    try:
+        a = tpq.prologue_quantize(*args, perm32=True)
+        plain = tpq.prologue_quantize(*args)
+    finally:
+        tpq.tuner.force = None
+    r = reference.prologue_quantize(*args)
+    _check(plain, r, "int8")
+    assert torch.equal(a.scale, plain.scale)
+    want = plain.q.reshape(m, k // 32, 16, 2).transpose(2, 3).reshape(m, k)
+    assert torch.equal(a.q, want)
+    assert not torch.equal(a.q, plain.q)  # the order really changed
+    assert a.qsum.shape == (m, 1) and a.qsum.dtype == torch.int32
+    assert torch.equal(a.qsum[:, 0], plain.q.to(torch.int32).sum(1))
+    with pytest.raises(ValueError, match="perm32"):
+        tpq.prologue_quantize(x, prologue, shift, scale, rows, 1e-6, mult, "fp8", 448, had, perm32=True)

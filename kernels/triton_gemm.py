@@ -350,9 +350,11 @@ def _fold_group_t(acc_f, acc_i, g, offs_n, offs_m, M, N, WS, WZ, QS, stride_ws, 
 
 @triton.jit
 def _w4_swap_kernel(A, B, C, AS, WS, WZ, QS, BIAS, M, N, K, stride_am, stride_bn, stride_cm, stride_ws, stride_qs,
+                    RES, GATE, stride_rm, stride_gb, res_rows,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                     GROUP_K: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, MAGIC: tl.constexpr,
-                    U4: tl.constexpr = False, MERGE: tl.constexpr = False, ASM: tl.constexpr = False):
+                    U4: tl.constexpr = False, MERGE: tl.constexpr = False, ASM: tl.constexpr = False,
+                    HAS_RES: tl.constexpr = False, HAS_GATE: tl.constexpr = False, GATE_1D: tl.constexpr = False):
     """Pointer-load variant, one program per output tile; A parity-split (MERGE: perm32, one dot per K step),
     K % BLOCK_K == 0, BLOCK_K == GROUP_K when group-wise."""
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -401,16 +403,24 @@ def _w4_swap_kernel(A, B, C, AS, WS, WZ, QS, BIAS, M, N, K, stride_am, stride_bn
         acc_f = acc.to(tl.float32)
     out = _epilogue_values_t(acc_f, offs_n, offs_m, M, N, AS, WS, WZ, QS, BIAS, stride_qs, GROUP_K, HAS_ZERO,
                              HAS_BIAS)
-    tl.store(C + offs_m[None, :] * stride_cm + offs_n[:, None], out.to(C.dtype.element_ty),
-             mask=(offs_m < M)[None, :] & (offs_n < N)[:, None])
+    if HAS_RES:  # the block's gated residual add, on the tile turned back to [tokens, channels]
+        out = _residual(tl.trans(out), offs_m, offs_n, M, N, RES, GATE, stride_rm, stride_gb, res_rows, HAS_RES,
+                        HAS_GATE, GATE_1D)
+        tl.store(C + offs_m[:, None] * stride_cm + offs_n[None, :], out.to(C.dtype.element_ty),
+                 mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+    else:
+        tl.store(C + offs_m[None, :] * stride_cm + offs_n[:, None], out.to(C.dtype.element_ty),
+                 mask=(offs_m < M)[None, :] & (offs_n < N)[:, None])
 
 
 @triton.jit
 def _w4_swap_tma_kernel(a_desc, b_desc, C, AS, WS, WZ, QS, BIAS, M, N, K, stride_cm, stride_ws, stride_qs, NUM_PROGS,
+                        RES, GATE, stride_rm, stride_gb, res_rows,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                         GROUP_K: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, MAGIC: tl.constexpr,
                         EPI_TMA: tl.constexpr, U4: tl.constexpr = False, MERGE: tl.constexpr = False,
-                        ASM: tl.constexpr = False):
+                        ASM: tl.constexpr = False, HAS_RES: tl.constexpr = False, HAS_GATE: tl.constexpr = False,
+                        GATE_1D: tl.constexpr = False):
     """Persistent TMA variant: the (tile, k) loops flattened as in `_qgemm_tma_kernel`."""
     start = tl.program_id(0)
     KH: tl.constexpr = BLOCK_K // 2
@@ -465,7 +475,15 @@ def _w4_swap_tma_kernel(a_desc, b_desc, C, AS, WS, WZ, QS, BIAS, M, N, K, stride
                 out = _epilogue_values_t(acc_f, offs_n, offs_m, M, N, AS, WS, WZ, QS, BIAS, stride_qs,
                                          GROUP_K, HAS_ZERO, HAS_BIAS)
                 acc_f = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            if EPI_TMA:  # C is a descriptor over out [M, N]: store the tile transposed back
+            if HAS_RES:  # the block's gated residual add, on the tile turned back to [tokens, channels]
+                out_mn = _residual(tl.trans(out), offs_m, offs_n, M, N, RES, GATE, stride_rm, stride_gb, res_rows,
+                                   HAS_RES, HAS_GATE, GATE_1D)
+                if EPI_TMA:
+                    C.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out_mn.to(C.dtype))
+                else:
+                    tl.store(C + offs_m[:, None] * stride_cm + offs_n[None, :], out_mn.to(C.dtype.element_ty),
+                             mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+            elif EPI_TMA:  # C is a descriptor over out [M, N]: store the tile transposed back
                 C.store([pid_m * BLOCK_M, pid_n * BLOCK_N], tl.trans(out).to(C.dtype))
             else:
                 tl.store(C + offs_m[None, :] * stride_cm + offs_n[:, None], out.to(C.dtype.element_ty),
@@ -647,20 +665,22 @@ def launcher(cfg, n, k, group_k, has_zero, has_bias, magic, u4, perm_mode, devic
     w_int4 = flags["W_INT4"]
     if kind.startswith("swap"):
         kw = dict(GROUP_K=group_k, HAS_ZERO=has_zero, HAS_BIAS=has_bias, MAGIC=magic, U4=bool(u4), ASM=u4 == 2,
-                  MERGE=perm_mode == 2, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_stages=st, num_warps=nw)
+                  MERGE=perm_mode == 2, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_stages=st, num_warps=nw,
+                  HAS_RES=flags["HAS_RES"], HAS_GATE=flags["HAS_GATE"])
         if kind == "swap":
-            def fn(q, a_scale, a_qsum, wd, ws, wz, bias_t, c, m):
+            def fn(q, a_scale, a_qsum, wd, ws, wz, bias_t, c, m, res=None, gate=None, res_rows=1):
                 qs, stride_qs = (a_qsum, a_qsum.stride(0)) if use_qsum else (a_scale, 0)
                 grid = (_cdiv(m, bm) * _cdiv(n, bn),)
                 return _w4_swap_kernel[grid](q, wd, c, a_scale, ws, wz, qs, bias_t, m, n, k, q.stride(0),
                                              wd.stride(0), c.stride(0), ws.stride(0) if group_k else 0, stride_qs,
-                                             **kw)
+                                             *_residual_args(c, res, gate, res_rows),
+                                             GATE_1D=_gate_1d(gate, res_rows, bm), **kw)
             return fn
         a_kb = bk if perm_mode == 2 else bk // 2
         epi_tma = kind.startswith("swapts")
         per_sm = 2 if kind.endswith("2") else 1
 
-        def fn(q, a_scale, a_qsum, wd, ws, wz, bias_t, c, m):
+        def fn(q, a_scale, a_qsum, wd, ws, wz, bias_t, c, m, res=None, gate=None, res_rows=1):
             qs, stride_qs = (a_qsum, a_qsum.stride(0)) if use_qsum else (a_scale, 0)
             a_desc = TensorDescriptor(q, [m, k], [q.stride(0), 1], [bm, a_kb])
             b_desc = TensorDescriptor(wd, [n, wd.shape[1]], [wd.stride(0), 1], [bn, bk // 2])
@@ -668,7 +688,8 @@ def launcher(cfg, n, k, group_k, has_zero, has_bias, magic, u4, perm_mode, devic
             progs = min(nsm * per_sm, _cdiv(m, bm) * _cdiv(n, bn))
             return _w4_swap_tma_kernel[(progs,)](a_desc, b_desc, c_arg, a_scale, ws, wz, qs, bias_t, m, n, k,
                                                  c.stride(0), ws.stride(0) if group_k else 0, stride_qs, progs,
-                                                 EPI_TMA=epi_tma, **kw)
+                                                 *_residual_args(c, res, gate, res_rows), EPI_TMA=epi_tma,
+                                                 GATE_1D=_gate_1d(gate, res_rows, bm), **kw)
         return fn
     if kind == "ptr":
         kw = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, EVEN_K=k % bk == 0, num_stages=st, num_warps=nw,
@@ -707,7 +728,7 @@ def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False, return_launc
     kernel fits.
 
     residual [M, N] (unit channel stride), gate [B', N] (one row per sample of res_rows rows; B' = 1: one for all):
-    the block's gated residual add in the epilogue, out = residual + gate * (GEMM + bias), int8 / fp8 weights only.
+    the block's gated residual add in the epilogue, out = residual + gate * (GEMM + bias), every weight format.
 
     a_perm: int4 only; the layout `a.q` holds the codes in (triton_act_quant.quantize_activation(perm=...)):
     True / "parity" (parity-split halves) or "perm32" (16 even then 16 odd channels per 32; one dot per K step).
@@ -719,9 +740,8 @@ def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False, return_launc
     perm_mode = {False: 0, None: 0, 0: 0, True: 1, 1: 1, "parity": 1, 2: 2, "perm32": 2}[a_perm]
     if not supported(a_fmt, w):
         return None
-    if residual is not None and (w.fmt == "int4" or perm_mode or residual.stride(-1) != 1
-                                 or (gate is not None and gate.stride(-1) != 1)):
-        return None  # the swapped W4A8 kernels carry no residual
+    if residual is not None and (residual.stride(-1) != 1 or (gate is not None and gate.stride(-1) != 1)):
+        return None  # the epilogue reads residual / gate rows with unit channel stride
     q = a.q if a.q.stride(-1) == 1 else a.q.contiguous()
     m, k = q.shape
     n = w.out_features
@@ -744,7 +764,7 @@ def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False, return_launc
     if m == 0 or n == 0:
         return (c, None) if return_launch else c
     # (with return_launch, the launch is fn(q, a_scale, a_qsum, wd, ws, wz, bias_or_scale, c, m[, res, gate,
-    # res_rows]): the non-swapped kernels take the residual too)
+    # res_rows]))
     wd = w.data if w.data.is_contiguous() else w.data.contiguous()
     ws = w.scale.float().contiguous()
     wz = w.zero.float().contiguous() if has_zero else ws

@@ -183,7 +183,7 @@ class FusedPlan:
 
     def __init__(self, quant, gemm, k, n, qdtype, norm, w4=False):
         self.quant, self.gemm, self.k, self.n, self.qdtype, self.norm = quant, gemm, k, n, qdtype, norm
-        self.w4 = w4  # int4 weights: perm32 codes + row sums, the residual added after the GEMM
+        self.w4 = w4  # int4 weights: perm32 codes + row sums for the raw-nibble W4A8 kernel
 
     def __call__(self, x2, shift, scale, rows_per_sample, w, bias, mult, residual, gate, res_rows):
         m, k = x2.shape
@@ -198,18 +198,12 @@ class FusedPlan:
         else:
             self.quant(x2, s, s, s if mult is None else mult, q, s, m, max(m, 1), 0, 0, qs)
         bias_t = s if bias is None else bias
-        if self.w4:
-            if residual is not None:
-                _gemm.check_residual(residual, gate, res_rows, m, self.n)
-            c = torch.empty((m, self.n), device=dev, dtype=x2.dtype if residual is None else torch.float32)
-            self.gemm(q, s, qs, w.data, w.scale, w.scale, bias_t, c, m)
-            return c if residual is None else reference.residual_add(c, x2.dtype, residual, gate, res_rows)
         c = torch.empty((m, self.n), device=dev, dtype=x2.dtype)
         if residual is None:
-            self.gemm(q, s, None, w.data, w.scale, w.scale, bias_t, c, m)
+            self.gemm(q, s, qs, w.data, w.scale, w.scale, bias_t, c, m)
         else:
             _gemm.check_residual(residual, gate, res_rows, m, self.n)
-            self.gemm(q, s, None, w.data, w.scale, w.scale, bias_t, c, m, residual, gate, res_rows)
+            self.gemm(q, s, qs, w.data, w.scale, w.scale, bias_t, c, m, residual, gate, res_rows)
         return c
 
 
@@ -246,21 +240,13 @@ def prologue_quant_linear(x, prologue, shift, scale, rows_per_sample, eps, w, bi
     if got is None:
         return None
     a, quant_fn = got
-    if w4:  # no residual epilogue in the W4A8 kernels: the GEMM in fp32, then the gated add
-        got = _gemm.quantized_matmul(a, w, bias, x.dtype if residual is None else torch.float32, a_perm="perm32",
-                                     return_launch=True)
-        if got is None:
-            return None
-        y, gemm_fn = got
-        if residual is not None:
-            _gemm.check_residual(residual, gate, res_rows, m, w.out_features)
-            y = reference.residual_add(y, x.dtype, residual, gate, res_rows)
-    else:
-        got = _gemm.quantized_matmul(a, w, bias, x.dtype, return_launch=True, residual=residual, gate=gate,
-                                     res_rows=res_rows)
-        if got is None:  # no GEMM (or no residual epilogue) for this weight format: the general path
-            return quantized_matmul(a, w, bias, x.dtype, residual, gate, res_rows)
-        y, gemm_fn = got
+    got = _gemm.quantized_matmul(a, w, bias, x.dtype, return_launch=True, residual=residual, gate=gate,
+                                 res_rows=res_rows, a_perm="perm32" if w4 else False)
+    if got is None:
+        if w4:
+            return None  # (the caller's general path quantizes again, in natural order)
+        return quantized_matmul(a, w, bias, x.dtype, residual, gate, res_rows)  # no kernel here: the reference
+    y, gemm_fn = got
     if plannable and quant_fn is not None and gemm_fn is not None:
         _gemm.tensor_cache(w.data, "_viditq_fused_plans")[key] = FusedPlan(
             quant_fn, gemm_fn, k, w.out_features, a.q.dtype, prologue == "norm_modulate", w4)

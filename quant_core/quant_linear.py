@@ -110,8 +110,7 @@ class QuantLinear(nn.Module):
     def fusable(self) -> bool:
         """Can a producer's elementwise work run in this layer's quantize kernel? (dynamic scales, symmetric int8 /
         fp8 weights or per-channel int4 ones, no rotation or a block Hadamard the kernel's transform covers: what
-        kernels/triton_prologue_quant.py and the GEMM alone cover; int4 layers add an armed residual after the
-        GEMM, their kernels having no residual epilogue)"""
+        kernels/triton_prologue_quant.py and the GEMM alone cover)"""
         weights_ok = self.w_fmt in ("int8", "fp8") or (self.w_fmt == "int4" and not self.group_size)
         return (self.had_block <= kernels.MAX_FUSED_HAD and self.static_scale is None and self.w_zero is None
                 and weights_ok and self.a_bits == 8)

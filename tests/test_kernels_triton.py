@@ -358,8 +358,8 @@ def test_gemm_residual_refusals():
     with pytest.raises(ValueError, match="gate of shape"):
         tg.quantized_matmul(a, w, None, torch.float32, residual=torch.zeros(6, 72), gate=torch.zeros(4, 72),
                             res_rows=3)
-    w4 = make_w(72, 192, "int4")  # no residual in the W4A8 kernels: triton_ops adds it after the GEMM
-    assert tg.quantized_matmul(a, w4, None, torch.float32, residual=torch.zeros(6, 72)) is None
+    w4 = make_w(72, 192, "int4")
+    assert tg.quantized_matmul(a, w4, None, torch.float32, residual=torch.zeros(6, 144)[:, ::2]) is None  # strided
     res, gate = torch.randn(6, 72), torch.randn(2, 72)
     y = triton_ops.quantized_matmul(a, w4, None, torch.float32, res, gate, 3)
     assert rel_err(y, reference.quantized_matmul(a, w4, None, torch.float64, res, gate, 3)) < 1e-5
@@ -399,6 +399,32 @@ def test_w4a8_layouts(m, n, k, group, asym, sums, layout, kind, monkeypatch):
     assert all(c[0] == kind for c in cands)
     y = _run_gemm(a, w, None, torch.float32, kind, monkeypatch, a_perm=layout)
     assert rel_err(y, reference.quantized_matmul(r, w, None, torch.float64)) < 1e-5
+
+
+@pytest.mark.parametrize("kind", W4_KINDS["perm32"])
+@pytest.mark.parametrize("m,n,k,group,gate_rows,odt", [(8, 72, 256, 0, 4, torch.bfloat16),
+                                                       (33, 40, 256, 128, -1, torch.float32),
+                                                       (64, 72, 192, 0, 32, torch.float16),
+                                                       (7, 40, 256, 0, 0, torch.float32)])
+def test_w4a8_residual_epilogue(m, n, k, group, gate_rows, odt, kind, monkeypatch):
+    """The swapped W4A8 kernels with the block's gated residual add in their epilogue (the tile turned back to
+    tokens x channels first): per-sample gates (32: whole token tiles per sample, one gate row per tile), one gate
+    for all (-1), no gate (0); against the fp64 reference on natural-order codes; outputs poisoned."""
+    w = make_w(n, k, "int4", group, seed=m)
+    r = reference.quantize_activation(make_x(m, k, torch.float32, seed=3) * 0.05, None, 0, "int8", 127, None,
+                                      group or k)
+    a = type(r)(q=_perm_codes(r.q, "perm32").contiguous(), scale=r.scale, qsum=r.qsum)
+    bias = torch.randn(n).to(odt)
+    plain = reference.quantized_matmul(r, w, bias, torch.float64)
+    res = (torch.randn(m, n) * float(plain.std())).to(odt)
+    rows = gate_rows if gate_rows > 0 else m
+    gate = None if gate_rows == 0 else torch.randn(1 if gate_rows < 0 else m // rows, n).to(odt)
+    monkeypatch.setenv("VIDITQ_GEMM_KINDS", kind)
+    out = torch.full((m, n), float("nan"), dtype=odt)
+    y = tg.quantized_matmul(a, w, bias, odt, out=out, residual=res, gate=gate, res_rows=rows, a_perm="perm32")
+    assert y is not None and y.data_ptr() == out.data_ptr() and tg.last_config[0] == kind
+    assert rel_err(y, reference.quantized_matmul(r, w, bias, torch.float64, res, gate, rows)) < OUT_TOL[odt]
+    assert rel_err(y, plain) > 0.1  # the residual really was added
 
 
 def test_gemm_k4608_small_tile(monkeypatch):

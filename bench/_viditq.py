@@ -15,3 +15,21 @@ def import_viditq():
         sys.modules["viditq"] = module
         spec.loader.exec_module(module)
     return sys.modules["viditq"]
+
+
+def graph_replay_ms(fn, rep: int = 50) -> float:
+    """Median GPU time (ms) of fn replayed from a CUDA graph: the kernels alone, no Python / launch overhead. fn runs
+    twice on a side stream first (tuners, lazy setup), which waits for the caller's queued work."""
+    import torch
+    import triton
+
+    st = torch.cuda.Stream()
+    st.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(st):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(st)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return triton.testing.do_bench(g.replay, warmup=10, rep=rep, return_mode="median")

@@ -29,7 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _viditq import import_viditq  # noqa: E402
+from _viditq import graph_replay_ms, import_viditq  # noqa: E402
 
 import_viditq()
 from viditq.kernels import reference, triton_gemm as tg  # noqa: E402
@@ -53,16 +53,7 @@ def graph_ms(fn):
     if ARGS.dry:
         fn()
         return None
-    st = torch.cuda.Stream()
-    st.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(st):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(st)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return triton.testing.do_bench(g.replay, warmup=10, rep=60, return_mode="median")
+    return graph_replay_ms(fn, rep=60)
 
 
 def rel_err(y, r):

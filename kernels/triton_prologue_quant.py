@@ -140,14 +140,19 @@ def _fwht(x, R: tl.constexpr, C: tl.constexpr, HAD: tl.constexpr):
 
 
 @triton.jit
-def _store_codes_w4(Q, rows64, cols, stride_qm, v, m2, R: tl.constexpr, BK: tl.constexpr):
-    """int8 codes of v (as _store_codes) written in the W4A8 GEMM's "perm32" channel order (within every 32
-    channels the 16 even ones, then the 16 odd ones: a reshuffle in registers, then contiguous stores; the mask
-    is the same as K % 32 == 0); returns each row's sum of the codes (int32), which the raw-nibble W4A8 kernels
-    subtract 8 times in their epilogue."""
+def _store_codes_w4(Q, rows64, rmask, c0, K, stride_qm, v, m2, R: tl.constexpr, BK: tl.constexpr):
+    """int8 codes of v (as _store_codes) for channels c0 .. c0 + BK (c0 and K multiples of 32), written in the W4A8
+    GEMM's "perm32" order (within every 32 channels the 16 even ones, then the 16 odd ones): the even and the odd
+    codes split apart in registers, each stored as runs of 16 bytes. Returns each row's sum of the codes (int32),
+    which the raw-nibble W4A8 kernels subtract 8 times in their epilogue."""
     code = (v + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
-    qp = tl.reshape(tl.permute(tl.reshape(code.to(tl.int8), [R, BK // 32, 16, 2]), [0, 1, 3, 2]), [R, BK])
-    tl.store(Q + rows64[:, None] * stride_qm + cols[None, :], qp, mask=m2)
+    qe, qo = tl.split(tl.reshape(code.to(tl.int8), [R, BK // 2, 2]))
+    j = tl.arange(0, BK // 2)  # channel c0 + 2j -> c0 + (j // 16) * 32 + j % 16; its odd neighbour 16 further
+    pos = c0 + (j // 16) * 32 + j % 16
+    hm = rmask[:, None] & (c0 + 2 * j < K)[None, :]
+    base = Q + rows64[:, None] * stride_qm + pos[None, :]
+    tl.store(base, qe, mask=hm)
+    tl.store(base + 16, qo, mask=hm)
     return tl.sum(tl.where(m2, code, 0), axis=1)
 
 
@@ -207,9 +212,9 @@ def _prologue_quant_kernel(X, SHIFT, SCL, MULT, Q, S,
     sc, inv = _row_scale(amax, hscale, fmax)
     tl.store(S + rows, sc, mask=rmask)
     if W4:
-        tot = _store_codes_w4(Q, rows64, c1, stride_qm, x1 * inv[:, None], m1, ROWS, BK1)
+        tot = _store_codes_w4(Q, rows64, rmask, 0, K, stride_qm, x1 * inv[:, None], m1, ROWS, BK1)
         if BK2 > 0:
-            tot += _store_codes_w4(Q, rows64, c2, stride_qm, x2 * inv[:, None], m2, ROWS, BK2)
+            tot += _store_codes_w4(Q, rows64, rmask, BK1, K, stride_qm, x2 * inv[:, None], m2, ROWS, BK2)
         tl.store(QSUM + rows, tot, mask=rmask)
     else:
         _store_codes(Q + rows64[:, None] * stride_qm + c1[None, :], x1 * inv[:, None], m1, fmax, IS_FP8, FP8_SOFT)
@@ -243,7 +248,7 @@ def _gelu_quant_chunked_kernel(X, MULT, Q, S, M, K, stride_xm, stride_qm, fmax, 
         if HAD > 1:
             x = _fwht(x, ROWS, CK, HAD)
         if W4:
-            tot += _store_codes_w4(Q, rows64, cols, stride_qm, x * inv[:, None], m2, ROWS, CK)
+            tot += _store_codes_w4(Q, rows64, rmask, k0, K, stride_qm, x * inv[:, None], m2, ROWS, CK)
         else:
             _store_codes(Q + rows64[:, None] * stride_qm + cols[None, :], x * inv[:, None], m2, fmax, IS_FP8,
                          FP8_SOFT)

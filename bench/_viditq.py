@@ -17,11 +17,10 @@ def import_viditq():
     return sys.modules["viditq"]
 
 
-def graph_replay_ms(fn, rep: int = 50) -> float:
-    """Median GPU time (ms) of fn replayed from a CUDA graph: the kernels alone, no Python / launch overhead. fn runs
-    twice on a side stream first (tuners, lazy setup), which waits for the caller's queued work."""
+def capture_graph(fn):
+    """(CUDA graph of fn, fn's output inside it): fn runs twice on a side stream first (tuners, lazy setup), which
+    waits for the caller's queued work, then once under capture."""
     import torch
-    import triton
 
     st = torch.cuda.Stream()
     st.wait_stream(torch.cuda.current_stream())
@@ -31,5 +30,13 @@ def graph_replay_ms(fn, rep: int = 50) -> float:
     torch.cuda.current_stream().wait_stream(st)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        fn()
+        out = fn()
+    return g, out
+
+
+def graph_replay_ms(fn, rep: int = 50) -> float:
+    """Median GPU time (ms) of fn replayed from a CUDA graph: the kernels alone, no Python / launch overhead."""
+    import triton
+
+    g, _ = capture_graph(fn)
     return triton.testing.do_bench(g.replay, warmup=10, rep=rep, return_mode="median")

@@ -565,15 +565,9 @@ def time_graph(fn, reps: int, ref_out: torch.Tensor):
     """(median ms of a CUDA-graph replay, rel error of the replayed output vs eager) or raises."""
     if SMOKE:
         raise RuntimeError("no CUDA graphs on the CPU")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
+    from _viditq import capture_graph  # bench/_viditq.py, beside this script
+
+    g, out = capture_graph(fn)
     g.replay()
     sync()
     err = rel_err(out, ref_out)

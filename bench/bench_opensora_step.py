@@ -73,15 +73,9 @@ def _time(fn, reps, warmup, cuda):
 def _graph_ms(step, reps, ref):
     """(median ms of a CUDA-graph replay of the step, rel. error of the replayed output vs `ref`): the GPU time a
     step takes once the host is out of the way (what ViDiTQCompileModel's reduce-overhead mode gives)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = step()
+    from _viditq import capture_graph  # bench/_viditq.py, beside this script
+
+    g, out = capture_graph(step)
     g.replay()
     torch.cuda.synchronize()
     err = float((out.float() - ref).norm() / ref.norm())

@@ -406,7 +406,7 @@ def _w4_swap_kernel(A, B, C, AS, WS, WZ, QS, BIAS, M, N, K, stride_am, stride_bn
     if HAS_RES:  # the block's gated residual add, on the tile turned back to [tokens, channels]
         out = _residual(tl.trans(out), offs_m, offs_n, M, N, RES, GATE, stride_rm, stride_gb, res_rows, HAS_RES,
                         HAS_GATE, GATE_1D)
-        tl.store(C + offs_m[:, None] * stride_cm + offs_n[None, :], out.to(C.dtype.element_ty),
+        tl.store(C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :], out.to(C.dtype.element_ty),
                  mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
     else:
         tl.store(C + offs_m[None, :] * stride_cm + offs_n[:, None], out.to(C.dtype.element_ty),
@@ -481,8 +481,8 @@ def _w4_swap_tma_kernel(a_desc, b_desc, C, AS, WS, WZ, QS, BIAS, M, N, K, stride
                 if EPI_TMA:
                     C.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out_mn.to(C.dtype))
                 else:
-                    tl.store(C + offs_m[:, None] * stride_cm + offs_n[None, :], out_mn.to(C.dtype.element_ty),
-                             mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+                    tl.store(C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :],
+                             out_mn.to(C.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
             elif EPI_TMA:  # C is a descriptor over out [M, N]: store the tile transposed back
                 C.store([pid_m * BLOCK_M, pid_n * BLOCK_N], tl.trans(out).to(C.dtype))
             else:

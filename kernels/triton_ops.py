@@ -233,18 +233,26 @@ def prologue_quant_linear(x, prologue, shift, scale, rows_per_sample, eps, w, bi
         return None
     # per-channel int4 weights: the codes in the swapped W4A8 kernels' "perm32" order with each row's code sum
     # (the raw-nibble GEMM subtracts 8 x the sum), written by the same one-pass kernel
+    # (VIDITQ_W4_PERM=0 / VIDITQ_W4_U4=0 / VIDITQ_W4_LAYOUT=parity: natural-order codes and the unswapped kernels)
     w4 = (w.fmt == "int4" and not w.group_size and w.zero is None and act_fmt == "int8" and k % 64 == 0
-          and os.environ.get("VIDITQ_W4_PERM", "1") != "0")
-    got = _pq.prologue_quantize(x2, prologue, shift, scale, rows_per_sample, eps, mult, act_fmt, act_qmax, had,
-                                return_launch=True, perm32=w4)
-    if got is None:
+          and os.environ.get("VIDITQ_W4_PERM", "1") != "0" and os.environ.get("VIDITQ_W4_U4", "1") != "0"
+          and os.environ.get("VIDITQ_W4_LAYOUT", "auto").strip().lower() in ("auto", "perm32"))
+    try:
+        got = _pq.prologue_quantize(x2, prologue, shift, scale, rows_per_sample, eps, mult, act_fmt, act_qmax, had,
+                                    return_launch=True, perm32=w4)
+        if got is None:
+            return None
+        a, quant_fn = got
+        got = _gemm.quantized_matmul(a, w, bias, x.dtype, return_launch=True, residual=residual, gate=gate,
+                                     res_rows=res_rows, a_perm="perm32" if w4 else False)
+    except Exception as e:  # int4 only: a kernel that cannot run here leaves the general path (parity / natural)
+        if not w4:
+            raise
+        _note_once(f"fused W4A8 (perm32) path failed, using the general one: {e!r}"[:300])
         return None
-    a, quant_fn = got
-    got = _gemm.quantized_matmul(a, w, bias, x.dtype, return_launch=True, residual=residual, gate=gate,
-                                 res_rows=res_rows, a_perm="perm32" if w4 else False)
     if got is None:
         if w4:
-            return None  # (the caller's general path quantizes again, in natural order)
+            return None  # (the caller's general path quantizes again)
         return quantized_matmul(a, w, bias, x.dtype, residual, gate, res_rows)  # no kernel here: the reference
     y, gemm_fn = got
     if plannable and quant_fn is not None and gemm_fn is not None:

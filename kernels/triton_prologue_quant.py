@@ -36,8 +36,9 @@ MAX_K = 16384  # whole rows in registers: beyond this the reference runs (no DiT
 
 # On the GPU the tanh GELU uses the hardware tanh (MUFU.TANH, max rel. error 2^-11: GELU off by <= 2.5e-4 |x|,
 # below an fp16 rounding of its output and ~1 % of an int8 step of a typical row): one MUFU op per element instead of
-# ex2 + rcp and the division's range checks. The CPU interpreter has no inline PTX: there the exact form runs.
-_HW_TANH = tl.constexpr(not INTERPRET)
+# ex2 + rcp and the division's range checks. The CPU interpreter has no inline PTX, nor has ROCm: there the exact
+# form runs.
+_HW_TANH = tl.constexpr(not INTERPRET and torch.version.hip is None)
 
 
 @triton.jit
@@ -145,6 +146,7 @@ def _store_codes_w4(Q, rows64, rmask, c0, K, stride_qm, v, m2, R: tl.constexpr, 
     GEMM's "perm32" order (within every 32 channels the 16 even ones, then the 16 odd ones): the even and the odd
     codes split apart in registers, each stored as runs of 16 bytes. Returns each row's sum of the codes (int32),
     which the raw-nibble W4A8 kernels subtract 8 times in their epilogue."""
+    tl.static_assert(BK % 32 == 0, "perm32 codes: pieces / chunks must be whole 32-channel blocks")
     code = (v + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
     qe, qo = tl.split(tl.reshape(code.to(tl.int8), [R, BK // 2, 2]))
     j = tl.arange(0, BK // 2)  # channel c0 + 2j -> c0 + (j // 16) * 32 + j % 16; its odd neighbour 16 further

@@ -559,7 +559,7 @@ def test_fused_layer_plan_reuse(prologue, had, residual, fmt, monkeypatch):
     """triton_ops.prologue_quant_linear (a fused layer: producer + quantize, GEMM + epilogue): the second call at a
     token bucket runs the cached FusedPlan, with the same results as the full path (per-sample adaLN vectors, the
     rotation, the gated residual); a call of another kind (no residual) makes its own plan. int4 weights: the
-    quantize writes perm32 codes + row sums for the swapped W4A8 kernel, the residual is added after the GEMM."""
+    quantize writes perm32 codes + row sums for the swapped W4A8 kernel, whose epilogue adds the residual."""
     k, n, rows = 256, 72, 2
     w = make_w(n, k, fmt)
     act = "fp8" if fmt == "fp8" else "int8"
@@ -635,3 +635,27 @@ def test_graph_tuner_waits_for_queued_work_before_timing(monkeypatch):
     assert t.pick(("k",), [(1,), (2,)], lambda c: events.append(("launch", c))) == (2,)
     assert events[0] == "sync"  # before any candidate ran
     assert [e for e in events if e != "sync"] == [("launch", (1,))] * 2 + [("launch", (2,))] * 2
+
+
+def test_fused_w4a8_falls_back_when_its_kernels_fail(monkeypatch):
+    """A perm32 W4A8 kernel that cannot run on some GPU / Triton: the fused layer returns None (said once) and the
+    dispatcher's general path gives the right result; VIDITQ_W4_PERM=0 takes natural-order codes instead."""
+    k, n, m = 128, 40, 6
+    w = make_w(n, k, "int4")
+    x = make_x(m, k, torch.float32, seed=9).to(torch.bfloat16)
+    r = reference.quantized_matmul(reference.prologue_quantize(x, "gelu_tanh"), w, None, torch.float64)
+    real = tg.quantized_matmul
+
+    def broken(*a, **kw):
+        if kw.get("a_perm") == "perm32":
+            raise RuntimeError("out of resources")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tg, "quantized_matmul", broken)
+    assert triton_ops.prologue_quant_linear(x, "gelu_tanh", None, None, 0, 1e-6, w, None) is None
+    monkeypatch.setattr(dispatch, "resolve_backend", lambda *a: "triton")
+    y = dispatch.prologue_quant_linear(x, "gelu_tanh", None, None, 0, 1e-6, w, None)
+    assert rel_err(y, r) < 1e-2
+    monkeypatch.setenv("VIDITQ_W4_PERM", "0")
+    y = triton_ops.prologue_quant_linear(x, "gelu_tanh", None, None, 0, 1e-6, w, None)
+    assert y is not None and rel_err(y, r) < 1e-2 and not tg.last_config[0].startswith("swap")

@@ -181,16 +181,16 @@ class FusedPlan:
 
     __slots__ = ("quant", "gemm", "k", "n", "qdtype", "norm", "w4")
 
-    def __init__(self, quant, gemm, k, n, qdtype, norm, w4=False):
+    def __init__(self, quant, gemm, k, n, qdtype, norm, w4=0):
         self.quant, self.gemm, self.k, self.n, self.qdtype, self.norm = quant, gemm, k, n, qdtype, norm
-        self.w4 = w4  # int4 weights: perm32 codes + row sums for the raw-nibble W4A8 kernel
+        self.w4 = w4  # int4 weights: perm32 codes + code sums (w4 columns) for the raw-nibble W4A8 kernel
 
     def __call__(self, x2, shift, scale, rows_per_sample, w, bias, mult, residual, gate, res_rows):
         m, k = x2.shape
         dev = x2.device
         q = torch.empty((m, k), device=dev, dtype=self.qdtype)
         s = torch.empty((m,), device=dev, dtype=torch.float32)
-        qs = torch.empty((m, 1), device=dev, dtype=torch.int32) if self.w4 else None
+        qs = torch.empty((m, self.w4), device=dev, dtype=torch.int32) if self.w4 else None
         if self.norm:
             rps = int(rows_per_sample)
             sh, sc, stride_sh, stride_sc = _pq.adaln_rows(shift, scale, m, rps, k)
@@ -231,15 +231,17 @@ def prologue_quant_linear(x, prologue, shift, scale, rows_per_sample, eps, w, bi
             return plan(x2, shift, scale, rows_per_sample, w, bias, mult, residual, gate, res_rows)
     if act_fmt == "fp8" and not fp8_ok(x.device):
         return None
-    # per-channel int4 weights: the codes in the swapped W4A8 kernels' "perm32" order with each row's code sum
-    # (the raw-nibble GEMM subtracts 8 x the sum), written by the same one-pass kernel
-    # (VIDITQ_W4_PERM=0 / VIDITQ_W4_U4=0 / VIDITQ_W4_LAYOUT=parity: natural-order codes and the unswapped kernels)
-    w4 = (w.fmt == "int4" and not w.group_size and w.zero is None and act_fmt == "int8" and k % 64 == 0
+    # symmetric int4 weights: the codes in the swapped W4A8 kernels' "perm32" order with each row's code sums (per
+    # weight group for group-wise weights; the raw-nibble GEMM subtracts 8 x the sum), written by the same one-pass
+    # kernel (VIDITQ_W4_PERM=0 / VIDITQ_W4_U4=0 / VIDITQ_W4_LAYOUT=parity: natural-order codes, unswapped kernels)
+    group = int(w.group_size or 0)
+    w4 = (w.fmt == "int4" and w.zero is None and act_fmt == "int8" and k % 64 == 0
+          and (not group or _pq.group_sums_supported(k, group))
           and os.environ.get("VIDITQ_W4_PERM", "1") != "0" and os.environ.get("VIDITQ_W4_U4", "1") != "0"
           and os.environ.get("VIDITQ_W4_LAYOUT", "auto").strip().lower() in ("auto", "perm32"))
     try:
         got = _pq.prologue_quantize(x2, prologue, shift, scale, rows_per_sample, eps, mult, act_fmt, act_qmax, had,
-                                    return_launch=True, perm32=w4)
+                                    return_launch=True, perm32=w4, sum_group=group if w4 else 0)
         if got is None:
             return None
         a, quant_fn = got
@@ -257,7 +259,8 @@ def prologue_quant_linear(x, prologue, shift, scale, rows_per_sample, eps, w, bi
     y, gemm_fn = got
     if plannable and quant_fn is not None and gemm_fn is not None:
         _gemm.tensor_cache(w.data, "_viditq_fused_plans")[key] = FusedPlan(
-            quant_fn, gemm_fn, k, w.out_features, a.q.dtype, prologue == "norm_modulate", w4)
+            quant_fn, gemm_fn, k, w.out_features, a.q.dtype, prologue == "norm_modulate",
+            (k // group if group else 1) if w4 else 0)
     return y
 
 

@@ -141,11 +141,13 @@ def _fwht(x, R: tl.constexpr, C: tl.constexpr, HAD: tl.constexpr):
 
 
 @triton.jit
-def _store_codes_w4(Q, rows64, rmask, c0, K, stride_qm, v, m2, R: tl.constexpr, BK: tl.constexpr):
+def _store_codes_w4(Q, rows64, rmask, c0, K, stride_qm, v, m2, R: tl.constexpr, BK: tl.constexpr, QSUM=None,
+                    SUM_G: tl.constexpr = 0):
     """int8 codes of v (as _store_codes) for channels c0 .. c0 + BK (c0 and K multiples of 32), written in the W4A8
     GEMM's "perm32" order (within every 32 channels the 16 even ones, then the 16 odd ones): the even and the odd
     codes split apart in registers, each stored as runs of 16 bytes. Returns each row's sum of the codes (int32),
-    which the raw-nibble W4A8 kernels subtract 8 times in their epilogue."""
+    which the raw-nibble W4A8 kernels subtract 8 times in their epilogue; SUM_G > 0 (group-wise weights): the sums
+    per SUM_G channels go to QSUM [M, K / SUM_G] here instead."""
     tl.static_assert(BK % 32 == 0, "perm32 codes: pieces / chunks must be whole 32-channel blocks")
     code = (v + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
     qe, qo = tl.split(tl.reshape(code.to(tl.int8), [R, BK // 2, 2]))
@@ -155,6 +157,13 @@ def _store_codes_w4(Q, rows64, rmask, c0, K, stride_qm, v, m2, R: tl.constexpr, 
     base = Q + rows64[:, None] * stride_qm + pos[None, :]
     tl.store(base, qe, mask=hm)
     tl.store(base + 16, qo, mask=hm)
+    if SUM_G > 0:
+        tl.static_assert(BK % SUM_G == 0, "group sums: pieces / chunks must be whole groups")
+        gs = tl.sum(tl.reshape(tl.where(m2, code, 0), [R, BK // SUM_G, SUM_G]), axis=2)
+        g = c0 // SUM_G + tl.arange(0, BK // SUM_G)
+        tl.store(QSUM + rows64[:, None] * (K // SUM_G) + g[None, :], gs,
+                 mask=rmask[:, None] & (g < K // SUM_G)[None, :])
+        return tl.zeros([R], dtype=tl.int32)
     return tl.sum(tl.where(m2, code, 0), axis=1)
 
 
@@ -171,10 +180,12 @@ def _prologue_quant_kernel(X, SHIFT, SCL, MULT, Q, S,
                            M, K, stride_xm, stride_qm, rows_per_sample, stride_shb, stride_scb, eps, fmax, hscale,
                            ROWS: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr, PROLOGUE: tl.constexpr,
                            HAS_MULT: tl.constexpr, ONE_SAMPLE: tl.constexpr, IS_FP8: tl.constexpr,
-                           FP8_SOFT: tl.constexpr, HAD: tl.constexpr, QSUM=None, W4: tl.constexpr = False):
+                           FP8_SOFT: tl.constexpr, HAD: tl.constexpr, QSUM=None, W4: tl.constexpr = False,
+                           SUM_G: tl.constexpr = 0):
     """ROWS whole rows per program, each held as two power-of-two pieces [0, BK1) + [BK1, BK1 + BK2) (1152 =
     1024 + 128, 4608 = 4096 + 512: no padded lanes where K is such a sum; BK2 = 0: one piece).
-    W4 (int8 codes for the W4A8 GEMM): codes in "perm32" order and each row's code sum into QSUM."""
+    W4 (int8 codes for the W4A8 GEMM): codes in "perm32" order and each row's code sum into QSUM (SUM_G > 0: the
+    sums per SUM_G channels)."""
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     rmask = rows < M
@@ -214,10 +225,12 @@ def _prologue_quant_kernel(X, SHIFT, SCL, MULT, Q, S,
     sc, inv = _row_scale(amax, hscale, fmax)
     tl.store(S + rows, sc, mask=rmask)
     if W4:
-        tot = _store_codes_w4(Q, rows64, rmask, 0, K, stride_qm, x1 * inv[:, None], m1, ROWS, BK1)
+        tot = _store_codes_w4(Q, rows64, rmask, 0, K, stride_qm, x1 * inv[:, None], m1, ROWS, BK1, QSUM, SUM_G)
         if BK2 > 0:
-            tot += _store_codes_w4(Q, rows64, rmask, BK1, K, stride_qm, x2 * inv[:, None], m2, ROWS, BK2)
-        tl.store(QSUM + rows, tot, mask=rmask)
+            tot += _store_codes_w4(Q, rows64, rmask, BK1, K, stride_qm, x2 * inv[:, None], m2, ROWS, BK2, QSUM,
+                                   SUM_G)
+        if SUM_G == 0:
+            tl.store(QSUM + rows, tot, mask=rmask)
     else:
         _store_codes(Q + rows64[:, None] * stride_qm + c1[None, :], x1 * inv[:, None], m1, fmax, IS_FP8, FP8_SOFT)
         if BK2 > 0:
@@ -229,7 +242,7 @@ def _prologue_quant_kernel(X, SHIFT, SCL, MULT, Q, S,
 def _gelu_quant_chunked_kernel(X, MULT, Q, S, M, K, stride_xm, stride_qm, fmax, hscale,
                                ROWS: tl.constexpr, CK: tl.constexpr, PROLOGUE: tl.constexpr,
                                HAS_MULT: tl.constexpr, IS_FP8: tl.constexpr, FP8_SOFT: tl.constexpr,
-                               HAD: tl.constexpr, QSUM=None, W4: tl.constexpr = False):
+                               HAD: tl.constexpr, QSUM=None, W4: tl.constexpr = False, SUM_G: tl.constexpr = 0):
     """GELU prologue for wide rows (fc2's K = 4608): two passes over K in chunks of CK (a multiple of HAD), the
     second re-reading x from L2 (and transforming it again), instead of one whole row in registers."""
     pid = tl.program_id(0)
@@ -250,11 +263,11 @@ def _gelu_quant_chunked_kernel(X, MULT, Q, S, M, K, stride_xm, stride_qm, fmax, 
         if HAD > 1:
             x = _fwht(x, ROWS, CK, HAD)
         if W4:
-            tot += _store_codes_w4(Q, rows64, rmask, k0, K, stride_qm, x * inv[:, None], m2, ROWS, CK)
+            tot += _store_codes_w4(Q, rows64, rmask, k0, K, stride_qm, x * inv[:, None], m2, ROWS, CK, QSUM, SUM_G)
         else:
             _store_codes(Q + rows64[:, None] * stride_qm + cols[None, :], x * inv[:, None], m2, fmax, IS_FP8,
                          FP8_SOFT)
-    if W4:
+    if W4 and SUM_G == 0:
         tl.store(QSUM + rows, tot, mask=rmask)
 
 
@@ -310,6 +323,13 @@ def had_supported(k: int, had_block: int) -> bool:
     return all(p % had_block == 0 for p in pieces(k) if p)
 
 
+def group_sums_supported(k: int, group: int) -> bool:
+    """Can the W4A8 prologue write code sums per `group` channels (a power of two >= 32 dividing both row pieces)?"""
+    if group < 32 or group & (group - 1) or k % group:
+        return False
+    return all(p % group == 0 for p in pieces(k) if p)
+
+
 def adaln_rows(shift, scale, m: int, rows_per_sample: int, k: int):
     """(shift rows, scale rows, their sample strides) for the norm_modulate kernel, checked against m rows of
     rows_per_sample per sample; a single vector for all samples gets stride 0 (it repeats)."""
@@ -323,11 +343,12 @@ def adaln_rows(shift, scale, m: int, rows_per_sample: int, k: int):
 
 
 def prologue_quantize(x, prologue, shift=None, scale=None, rows_per_sample=0, eps=1e-6, mult=None, fmt="int8",
-                      qmax=127, had_block=0, return_launch=False, perm32=False):
+                      qmax=127, had_block=0, return_launch=False, perm32=False, sum_group=0):
     """Triton twin of reference.prologue_quantize; None when no kernel fits (caller uses the reference).
     return_launch: (activation, the tuned launch for this row shape: launcher's fn) instead.
     perm32 (int8, K % 32 == 0; for the W4A8 GEMM): the codes in "perm32" channel order, each row's code sum in the
-    activation's qsum [M, 1] (triton_act_quant.quantize_activation(perm="perm32", sum_group=K) writes the same)."""
+    activation's qsum [M, 1] (triton_act_quant.quantize_activation(perm="perm32", sum_group=K) writes the same);
+    with sum_group (group-wise int4 weights) the sums per sum_group channels, qsum [M, K / sum_group]."""
     if prologue not in PROLOGUES or fmt not in ("int8", "fp8"):
         raise ValueError(f"prologue_quantize: unknown prologue {prologue!r} or format {fmt!r}")
     k = x.shape[-1]
@@ -336,6 +357,9 @@ def prologue_quantize(x, prologue, shift=None, scale=None, rows_per_sample=0, ep
         return None
     if perm32 and (fmt != "int8" or k % 32):
         raise ValueError(f"prologue_quantize: perm32 codes need int8 and K % 32 == 0 (K = {k}, {fmt})")
+    sum_group = int(sum_group) if perm32 and sum_group and sum_group != k else 0
+    if sum_group and not group_sums_supported(k, sum_group):
+        return None
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -343,7 +367,7 @@ def prologue_quantize(x, prologue, shift=None, scale=None, rows_per_sample=0, ep
     dev = x2.device
     q = torch.empty((m, k), device=dev, dtype=torch.float8_e4m3fn if fmt == "fp8" else torch.int8)
     s = torch.empty((m,), device=dev, dtype=torch.float32)
-    qs = torch.empty((m, 1), device=dev, dtype=torch.int32) if perm32 else None
+    qs = torch.empty((m, k // sum_group if sum_group else 1), device=dev, dtype=torch.int32) if perm32 else None
     if m == 0:
         a = QuantizedActivation(q=q, scale=s, qsum=qs)
         return (a, None) if return_launch else a
@@ -359,7 +383,7 @@ def prologue_quantize(x, prologue, shift=None, scale=None, rows_per_sample=0, ep
     if has_mult and (mult.device != dev or not mult.is_contiguous() or mult.dim() != 1):
         mult = mult.reshape(-1).to(device=dev).contiguous()
     fmax = FP8_E4M3_MAX if fmt == "fp8" else float(qmax)
-    setup = (k, pcode, has_mult, fmt, had, float(eps), fmax, bool(perm32))
+    setup = (k, pcode, has_mult, fmt, had, float(eps), fmax, bool(perm32), sum_group)
     args = (x2, sh, sc, mult if has_mult else s, q, s, m, rows_per_sample, stride_sh, stride_sc, qs)
 
     def launch(c):
@@ -367,18 +391,20 @@ def prologue_quantize(x, prologue, shift=None, scale=None, rows_per_sample=0, ep
 
     global last_config
     key = (k, m_bucket(m), x2.dtype, str(dev), pcode, has_mult, fmt, had, os.environ.get("VIDITQ_TUNE", "1"),
-           bool(perm32))
-    last_config = tuner.pick(key, candidates(k, m, pcode, had), launch)
+           bool(perm32), sum_group)
+    last_config = tuner.pick(key, [c for c in candidates(k, m, pcode, had)
+                                   if len(c) < 3 or not sum_group or c[2] % sum_group == 0], launch)
     launch(last_config)
     a = QuantizedActivation(q=q, scale=s, qsum=qs)
     return (a, launcher(last_config, *setup)) if return_launch else a
 
 
 @functools.lru_cache(maxsize=256)
-def launcher(c, k, pcode, has_mult, fmt, had, eps, fmax, w4=False):
+def launcher(c, k, pcode, has_mult, fmt, had, eps, fmax, w4=False, sum_group=0):
     """The launch of candidate c for one row shape with everything but the tensors bound once:
     fn(x2, shift_rows, scale_rows, mult_or_s, q, s, m, rows_per_sample, stride_sh, stride_sc[, qsum]) (a fused
-    layer's launch plan keeps it: triton_ops.FusedPlan); w4: perm32 codes and row sums into qsum [M, 1]."""
+    layer's launch plan keeps it: triton_ops.FusedPlan); w4: perm32 codes and row sums into qsum [M, 1] (per
+    sum_group channels: [M, K / sum_group])."""
     rows, nw = c[:2]
     hscale = had ** -0.5 if had else 1.0
     is_fp8 = fmt == "fp8"
@@ -387,11 +413,11 @@ def launcher(c, k, pcode, has_mult, fmt, had, eps, fmax, w4=False):
             return _gelu_quant_chunked_kernel[(_cdiv(m, rows),)](
                 x2, mv, q, s, m, k, x2.stride(0), q.stride(0), fmax, hscale, ROWS=rows, CK=c[2], PROLOGUE=pcode,
                 HAS_MULT=has_mult, IS_FP8=is_fp8, FP8_SOFT=INTERPRET, HAD=had, QSUM=qs if w4 else s, W4=w4,
-                num_warps=nw)
+                SUM_G=sum_group, num_warps=nw)
         return fn
     bk1, bk2 = pieces(k)
     flags = dict(BK1=bk1, BK2=bk2, PROLOGUE=pcode, HAS_MULT=has_mult, IS_FP8=is_fp8, FP8_SOFT=INTERPRET, HAD=had,
-                 ROWS=rows, W4=w4, num_warps=nw)
+                 ROWS=rows, W4=w4, SUM_G=sum_group, num_warps=nw)
 
     def fn(x2, sh, sc, mv, q, s, m, rows_per_sample, stride_sh, stride_sc, qs=None):
         return _prologue_quant_kernel[(_cdiv(m, rows),)](

@@ -109,11 +109,10 @@ class QuantLinear(nn.Module):
 
     def fusable(self) -> bool:
         """Can a producer's elementwise work run in this layer's quantize kernel? (dynamic scales, symmetric int8 /
-        fp8 weights or per-channel int4 ones, no rotation or a block Hadamard the kernel's transform covers: what
+        fp8 / int4 weights, no rotation or a block Hadamard the kernel's transform covers: what
         kernels/triton_prologue_quant.py and the GEMM alone cover)"""
-        weights_ok = self.w_fmt in ("int8", "fp8") or (self.w_fmt == "int4" and not self.group_size)
         return (self.had_block <= kernels.MAX_FUSED_HAD and self.static_scale is None and self.w_zero is None
-                and weights_ok and self.a_bits == 8)
+                and self.w_fmt in ("int8", "fp8", "int4") and self.a_bits == 8)
 
     def fused_view(self, input_act: Optional[str] = None, norm_eps: Optional[float] = None,
                    residual: bool = False) -> "QuantLinear":

@@ -2,7 +2,7 @@
 
 Fused and unfused models must agree (they differ only in the fused path not rounding the producer's output to the
 model dtype before quantizing), the patches must restore cleanly, compile fullgraph, and leave alone what they
-cannot fuse (static scales, asymmetric / group-wise int4 weights, temporal STDiT3 blocks). Rotated layers fuse too: the
+cannot fuse (static scales, asymmetric weights, temporal STDiT3 blocks). Rotated layers fuse too: the
 kernel runs the block Hadamard after the prologue. ComfyUI's own PixArt block: see the
 ComfyUI test at the end."""
 import copy
@@ -47,7 +47,7 @@ def _config(preset):
     return get_preset(preset)
 
 
-@pytest.mark.parametrize("preset", ["w8a8-smoothquant", "w8a8-fp8-norot", "w8a8", "w8a8-fp8", "w4a8"])
+@pytest.mark.parametrize("preset", ["w8a8-smoothquant", "w8a8-fp8-norot", "w8a8", "w8a8-fp8", "w4a8", "w4a8-g128"])
 def test_pixart_fused_matches_unfused_and_restores(preset):
     model = tiny_pixart(depth=2)
     args = _pixart_inputs()
@@ -79,8 +79,8 @@ def test_pixart_fused_matches_unfused_and_restores(preset):
 
 def test_what_cannot_fuse_is_left_alone(monkeypatch):
     model = tiny_pixart(depth=1)
-    int4g, _ = build_quant_layers(model, get_preset("w4a8-g128"))  # group-wise int4: per-group code sums
-    assert fusion_patches(model, int4g) == {}
+    asym, _ = build_quant_layers(model, dataclasses.replace(get_preset("w4a8"), w_symmetric=False))  # zero points
+    assert fusion_patches(model, asym) == {}
     static, _ = build_quant_layers(model, get_preset("w8a8-naive"), calibrate(model, steps=1))  # static scales
     assert fusion_patches(model, static) == {}
     sq, _ = build_quant_layers(model, get_preset("w8a8-smoothquant"))

@@ -553,15 +553,17 @@ def test_quant_linear_plan_takes_the_call_tensors():
 
 @pytest.mark.parametrize("prologue,had,residual,fmt", [
     ("norm_modulate", 128, True, "int8"), ("gelu_tanh", 0, False, "int8"), ("none", 64, True, "int8"),
-    ("norm_modulate", 128, True, "int4"), ("gelu_tanh", 0, False, "int4"),
-    pytest.param("norm_modulate", 0, True, "fp8", marks=fp8_only)])
+    ("norm_modulate", 128, True, "int4"), ("gelu_tanh", 0, False, "int4"), ("norm_modulate", 128, True, "int4g128"),
+    ("none", 0, False, "int4g64"), pytest.param("norm_modulate", 0, True, "fp8", marks=fp8_only)])
 def test_fused_layer_plan_reuse(prologue, had, residual, fmt, monkeypatch):
     """triton_ops.prologue_quant_linear (a fused layer: producer + quantize, GEMM + epilogue): the second call at a
     token bucket runs the cached FusedPlan, with the same results as the full path (per-sample adaLN vectors, the
     rotation, the gated residual); a call of another kind (no residual) makes its own plan. int4 weights: the
     quantize writes perm32 codes + row sums for the swapped W4A8 kernel, whose epilogue adds the residual."""
     k, n, rows = 256, 72, 2
-    w = make_w(n, k, fmt)
+    group = int(fmt[5:]) if fmt.startswith("int4g") else 0
+    fmt = "int4" if group else fmt
+    w = make_w(n, k, fmt, group)
     act = "fp8" if fmt == "fp8" else "int8"
     mult = torch.rand(k) + 0.5
     bias = torch.randn(n).to(torch.bfloat16)
@@ -583,7 +585,7 @@ def test_fused_layer_plan_reuse(prologue, had, residual, fmt, monkeypatch):
     check(8, 1, residual)
     assert len(w.data._viditq_fused_plans) == 1
     if fmt == "int4":
-        assert [p.w4 for p in w.data._viditq_fused_plans.values()] == [True]
+        assert [p.w4 for p in w.data._viditq_fused_plans.values()] == [k // (group or k)]  # code-sum columns
         assert tg.last_config[0].startswith("swap")  # the raw-nibble kernel on perm32 codes
     monkeypatch.setattr(triton_ops._pq, "prologue_quantize", lambda *a, **kw: pytest.fail("the full path ran again"))
     check(8, 2, residual)  # bucket 8 again: the plan, on new inputs

@@ -149,14 +149,18 @@ def test_bad_shapes_are_refused():
         tpq.prologue_quantize(x, "relu")
 
 
-@pytest.mark.parametrize("prologue,m,k,had,chunked", [("norm_modulate", 7, 1152, 128, False),
-                                                      ("gelu_tanh", 6, 4608, 0, False),
-                                                      ("none", 130, 96, 32, False),
-                                                      ("gelu_tanh", 9, 256, 64, True),
-                                                      ("gelu", 5, 192, 0, True)])
-def test_perm32_codes_and_row_sums_for_w4a8(prologue, m, k, had, chunked):
+@pytest.mark.parametrize("prologue,m,k,had,chunked,group", [("norm_modulate", 7, 1152, 128, False, 0),
+                                                            ("gelu_tanh", 6, 4608, 0, False, 0),
+                                                            ("none", 130, 96, 32, False, 0),
+                                                            ("gelu_tanh", 9, 256, 64, True, 0),
+                                                            ("gelu", 5, 192, 0, True, 0),
+                                                            ("norm_modulate", 7, 1152, 128, False, 128),
+                                                            ("gelu_tanh", 9, 256, 64, True, 64),
+                                                            ("none", 5, 192, 0, False, 64)])
+def test_perm32_codes_and_row_sums_for_w4a8(prologue, m, k, had, chunked, group):
     """perm32 (the W4A8 GEMM's layout): the same codes as the natural order, each 32-channel block written as its
-    16 even then its 16 odd channels, and each row's code sum in qsum; outputs poisoned first."""
+    16 even then its 16 odd channels, and each row's code sum in qsum (per group of channels for group-wise
+    weights)."""
     rows = m if m % 2 else m // 2
     x, shift, scale, mult = _inputs(m, k, torch.bfloat16, seed=m + k, batch=m // rows)
     x[0, :2] = torch.tensor([500.0, -500.0])
@@ -164,7 +168,7 @@ def test_perm32_codes_and_row_sums_for_w4a8(prologue, m, k, had, chunked):
     args = (x, prologue, shift, scale, rows, 1e-6, mult, "int8", 127, had)
     tpq.tuner.force = (2, 4, 64) if chunked else None
     try:
-        a = tpq.prologue_quantize(*args, perm32=True)
+        a = tpq.prologue_quantize(*args, perm32=True, sum_group=group)
         plain = tpq.prologue_quantize(*args)
     finally:
         tpq.tuner.force = None
@@ -174,7 +178,16 @@ def test_perm32_codes_and_row_sums_for_w4a8(prologue, m, k, had, chunked):
     want = plain.q.reshape(m, k // 32, 16, 2).transpose(2, 3).reshape(m, k)
     assert torch.equal(a.q, want)
     assert not torch.equal(a.q, plain.q)  # the order really changed
-    assert a.qsum.shape == (m, 1) and a.qsum.dtype == torch.int32
-    assert torch.equal(a.qsum[:, 0], plain.q.to(torch.int32).sum(1))
+    g = group or k
+    assert a.qsum.shape == (m, k // g) and a.qsum.dtype == torch.int32
+    assert torch.equal(a.qsum, plain.q.to(torch.int32).reshape(m, k // g, g).sum(-1))
     with pytest.raises(ValueError, match="perm32"):
         tpq.prologue_quantize(x, prologue, shift, scale, rows, 1e-6, mult, "fp8", 448, had, perm32=True)
+
+
+def test_group_sums_that_do_not_fit_give_none():
+    """Groups the row pieces do not hold whole (or not a power of two >= 32): None, the caller's general path."""
+    assert tpq.group_sums_supported(1152, 128) and tpq.group_sums_supported(4608, 64)
+    assert not tpq.group_sums_supported(1152, 256) and not tpq.group_sums_supported(96, 64)
+    assert not tpq.group_sums_supported(128, 16) and not tpq.group_sums_supported(192, 96)
+    assert tpq.prologue_quantize(torch.randn(3, 96), "none", perm32=True, sum_group=64) is None

@@ -167,8 +167,8 @@ def prologue_quant_linear(x: torch.Tensor, prologue: str, shift: Optional[torch.
                           res_rows: int = 0, had_block: int = 0) -> torch.Tensor:
     """quant_linear with the producer's elementwise work fused into the quantize (reference.apply_prologue: GELU,
     or LayerNorm + adaLN modulate): y = quantize(H(prologue(x) * mult)) @ W^T + bias, H the block Hadamard of
-    had_block channels (none if <= 1). For layers with dynamic scales and symmetric int8 / fp8 / per-channel int4
-    weights (quant_core/fusions.py picks them). With `residual` (the block's residual stream, [..., N] as y) the
+    had_block channels (none if <= 1). For layers with dynamic scales and symmetric int8 / fp8 / int4 weights
+    (quant_core/fusions.py picks them). With `residual` (the block's residual stream, [..., N] as y) the
     consumer's gated residual add too: residual + gate_b * y, gate [B', 1, N] / [B', N] per sample of res_rows rows."""
     n = w.out_features
     res2 = gate2 = None

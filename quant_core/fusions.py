@@ -7,7 +7,7 @@ Per DiT block (PixArt-α/Σ, OpenSORA STDiT / STDiT3, ComfyUI's PixArt):
     quantizes in one pass (kernels/triton_prologue_quant.py).
 So neither the GELU output nor the modulated LayerNorm output is written to memory in bf16, and each is read once
 (Inductor's own fusion of the same work read rows 2-3 times: bench/NOTES_e2e.md). Layers with dynamic scales and
-symmetric int8 / fp8 or per-channel int4 weights fuse (QuantLinear.fusable), rotated ones too: the kernel applies the
+symmetric int8 / fp8 / int4 weights fuse (QuantLinear.fusable), rotated ones too: the kernel applies the
 block Hadamard after the smoothing vector (ViDiT-Q's full activation side in the one pass); the rest run as before.
 
 The attention outputs' projections (attn.proj, cross_attn.proj) have no producer to fuse, but under torch.compile

@@ -349,6 +349,28 @@ def _fold_group_t(acc_f, acc_i, g, offs_n, offs_m, M, N, WS, WZ, QS, stride_ws, 
 
 
 @triton.jit
+def _store_t(C, out, pid_m, pid_n, offs_m, offs_n, M, N, stride_cm, RES, GATE, stride_rm, stride_gb, res_rows,
+             HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, GATE_1D: tl.constexpr, EPI_TMA: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store a swapped kernel's output tile (out [BLOCK_N, BLOCK_M]: channels x tokens) into C [M, N]; EPI_TMA: C is
+    a tensor descriptor. HAS_RES: the block's gated residual add first, on the tile turned back to tokens x
+    channels."""
+    if HAS_RES:
+        out_mn = _residual(tl.trans(out), offs_m, offs_n, M, N, RES, GATE, stride_rm, stride_gb, res_rows, HAS_RES,
+                           HAS_GATE, GATE_1D)
+        if EPI_TMA:
+            C.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out_mn.to(C.dtype))
+        else:
+            tl.store(C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :], out_mn.to(C.dtype.element_ty),
+                     mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+    elif EPI_TMA:
+        C.store([pid_m * BLOCK_M, pid_n * BLOCK_N], tl.trans(out).to(C.dtype))
+    else:
+        tl.store(C + offs_m[None, :] * stride_cm + offs_n[:, None], out.to(C.dtype.element_ty),
+                 mask=(offs_m < M)[None, :] & (offs_n < N)[:, None])
+
+
+@triton.jit
 def _w4_swap_kernel(A, B, C, AS, WS, WZ, QS, BIAS, M, N, K, stride_am, stride_bn, stride_cm, stride_ws, stride_qs,
                     RES, GATE, stride_rm, stride_gb, res_rows,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -403,14 +425,8 @@ def _w4_swap_kernel(A, B, C, AS, WS, WZ, QS, BIAS, M, N, K, stride_am, stride_bn
         acc_f = acc.to(tl.float32)
     out = _epilogue_values_t(acc_f, offs_n, offs_m, M, N, AS, WS, WZ, QS, BIAS, stride_qs, GROUP_K, HAS_ZERO,
                              HAS_BIAS)
-    if HAS_RES:  # the block's gated residual add, on the tile turned back to [tokens, channels]
-        out = _residual(tl.trans(out), offs_m, offs_n, M, N, RES, GATE, stride_rm, stride_gb, res_rows, HAS_RES,
-                        HAS_GATE, GATE_1D)
-        tl.store(C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :], out.to(C.dtype.element_ty),
-                 mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
-    else:
-        tl.store(C + offs_m[None, :] * stride_cm + offs_n[:, None], out.to(C.dtype.element_ty),
-                 mask=(offs_m < M)[None, :] & (offs_n < N)[:, None])
+    _store_t(C, out, pid_m, pid_n, offs_m, offs_n, M, N, stride_cm, RES, GATE, stride_rm, stride_gb, res_rows,
+             HAS_RES, HAS_GATE, GATE_1D, False, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -475,19 +491,8 @@ def _w4_swap_tma_kernel(a_desc, b_desc, C, AS, WS, WZ, QS, BIAS, M, N, K, stride
                 out = _epilogue_values_t(acc_f, offs_n, offs_m, M, N, AS, WS, WZ, QS, BIAS, stride_qs,
                                          GROUP_K, HAS_ZERO, HAS_BIAS)
                 acc_f = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            if HAS_RES:  # the block's gated residual add, on the tile turned back to [tokens, channels]
-                out_mn = _residual(tl.trans(out), offs_m, offs_n, M, N, RES, GATE, stride_rm, stride_gb, res_rows,
-                                   HAS_RES, HAS_GATE, GATE_1D)
-                if EPI_TMA:
-                    C.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out_mn.to(C.dtype))
-                else:
-                    tl.store(C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :],
-                             out_mn.to(C.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
-            elif EPI_TMA:  # C is a descriptor over out [M, N]: store the tile transposed back
-                C.store([pid_m * BLOCK_M, pid_n * BLOCK_N], tl.trans(out).to(C.dtype))
-            else:
-                tl.store(C + offs_m[None, :] * stride_cm + offs_n[:, None], out.to(C.dtype.element_ty),
-                         mask=(offs_m < M)[None, :] & (offs_n < N)[:, None])
+            _store_t(C, out, pid_m, pid_n, offs_m, offs_n, M, N, stride_cm, RES, GATE, stride_rm, stride_gb,
+                     res_rows, HAS_RES, HAS_GATE, GATE_1D, EPI_TMA, BLOCK_M, BLOCK_N)
 
 
 # ----------------------------------------------------------------------------------------------------------------

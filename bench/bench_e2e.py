@@ -1047,7 +1047,7 @@ def main():
                 profiles["fp16"] = profile_step("fp16", target, 1024)
             if v in ("w8a8_fp8_attn", "w8a8_full", "w8a8_fp8_compile", "w8a8_fp8_norot_compile", "w8a8_sq_compile",
                      "fp16_compile", "w8a8_sq_fcompile", "w8a8_sq_fpcompile", "w8a8_sq_frcompile",
-                     "w8a8_frcompile") \
+                     "w8a8_frcompile", "w8a8_stepgraphs", "w4a8_stepgraphs", "w4a8_plan_stepgraphs") \
                     and not ARGS.no_profile and 1024 in RESOLUTIONS \
                     and elapsed() < ARGS.budget_s:
                 try:

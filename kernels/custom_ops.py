@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from .reference_attention import frame_attention_storage
-from .types import QuantizedActivation, QuantizedWeight
+from .types import QuantizedActivation, QuantizedWeight, split_fmt_tag
 
 NAMESPACE = "viditq"
 
@@ -75,6 +75,13 @@ def _in_layout(t: torch.Tensor, storage_shape, perm) -> torch.Tensor:
     return torch.empty(storage_shape, dtype=t.dtype, device=t.device).permute(perm).copy_(t)
 
 
+def _weight(w_data, w_scale, w_zero, w_fmt, in_features, group_size) -> QuantizedWeight:
+    """The QuantizedWeight an op's arguments describe (w_fmt: QuantizedWeight.fmt_tag, the int4 byte order in it)."""
+    fmt, pack = split_fmt_tag(w_fmt)
+    return QuantizedWeight(data=w_data, scale=w_scale, zero=w_zero, fmt=fmt, in_features=in_features,
+                           group_size=group_size, pack=pack)
+
+
 # ---- viditq::quant_linear ----------------------------------------------------------------------------------------
 def _quant_linear(x: torch.Tensor, w_data: torch.Tensor, w_scale: torch.Tensor, w_zero: Optional[torch.Tensor],
                   bias: Optional[torch.Tensor], mult: Optional[torch.Tensor], static_scale: Optional[torch.Tensor],
@@ -84,8 +91,7 @@ def _quant_linear(x: torch.Tensor, w_data: torch.Tensor, w_scale: torch.Tensor, 
     group_size) as in kernels.types.QuantizedWeight (N = w_data.shape[0])."""
     from . import dispatch
 
-    w = QuantizedWeight(data=w_data, scale=w_scale, zero=w_zero, fmt=w_fmt, in_features=in_features,
-                        group_size=group_size)
+    w = _weight(w_data, w_scale, w_zero, w_fmt, in_features, group_size)
     y = dispatch.quant_linear_impl(x, w, bias, mult, had_block, act_fmt, act_qmax, static_scale, backend)
     return _in_layout(y, y.shape, range(y.dim()))  # contiguous: what both paths give
 
@@ -140,8 +146,7 @@ def _quantized_matmul(q: torch.Tensor, scale: torch.Tensor, qsum: Optional[torch
     residual + gate_b * that (gate [B', N], b = row // res_rows), the block's gated residual add."""
     from . import dispatch
 
-    w = QuantizedWeight(data=w_data, scale=w_scale, zero=w_zero, fmt=w_fmt, in_features=in_features,
-                        group_size=group_size)
+    w = _weight(w_data, w_scale, w_zero, w_fmt, in_features, group_size)
     return dispatch.quantized_matmul_impl(QuantizedActivation(q=q, scale=scale, qsum=qsum), w, bias, out_dtype,
                                           backend, residual, gate, res_rows).contiguous()
 
@@ -162,8 +167,7 @@ def _prologue_quant_linear(x: torch.Tensor, prologue: str, shift: Optional[torch
     as one op: one dispatch per layer, and eager's launch plan serves compiled calls too."""
     from . import dispatch
 
-    w = QuantizedWeight(data=w_data, scale=w_scale, zero=w_zero, fmt=w_fmt, in_features=in_features,
-                        group_size=group_size)
+    w = _weight(w_data, w_scale, w_zero, w_fmt, in_features, group_size)
     return dispatch.prologue_quant_linear_impl(x, prologue, shift, scale, rows_per_sample, eps, w, bias, mult, act_fmt,
                                                act_qmax, backend, residual, gate, res_rows, had_block).contiguous()
 

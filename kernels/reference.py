@@ -88,17 +88,39 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return u[..., 0::2] | (u[..., 1::2] << 4)
 
 
-def unpack_int4(p: torch.Tensor) -> torch.Tensor:
-    """Inverse of pack_int4: uint8 [N, K // 2] -> int8 [N, K]."""
+def unpack_int4(p: torch.Tensor, pack: str = "pairs") -> torch.Tensor:
+    """Inverse of pack_int4 (pack "pairs"; "split16": of repack_int4(.., "split16")): uint8 [N, K // 2] -> int8
+    [N, K]."""
     lo = (p & 0xF).to(torch.int8) - 8
     hi = (p >> 4).to(torch.int8) - 8
+    if pack == "split16":  # bytes [.., K/32, 16]: low nibbles columns 0..15 of each 32, high nibbles 16..31
+        shape = (*p.shape[:-1], p.shape[-1] // 16, 16)
+        return torch.cat([lo.reshape(shape), hi.reshape(shape)], dim=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
+    if pack != "pairs":
+        raise ValueError(f"unknown int4 byte order {pack!r}")
     return torch.stack([lo, hi], dim=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
+
+
+def repack_int4(p: torch.Tensor, src: str, dst: str) -> torch.Tensor:
+    """Packed int4 bytes in byte order `src` -> the same codes in byte order `dst` (QuantizedWeight.pack); split16
+    needs K % 32 == 0 (p.shape[-1] % 16 == 0). A new tensor unless the orders agree."""
+    if src == dst:
+        return p
+    if "split16" in (src, dst) and p.shape[-1] % 16:
+        raise ValueError(f"split16 int4 packing needs K % 32 == 0, got K = {p.shape[-1] * 2}")
+    u = (unpack_int4(p, src).to(torch.int16) + 8).to(torch.uint8)  # nibbles, natural column order
+    if dst == "pairs":
+        return u[..., 0::2] | (u[..., 1::2] << 4)
+    if dst != "split16":
+        raise ValueError(f"unknown int4 byte order {dst!r}")
+    u = u.reshape(*u.shape[:-1], u.shape[-1] // 32, 2, 16)
+    return (u[..., 0, :] | (u[..., 1, :] << 4)).reshape(p.shape).contiguous()
 
 
 def weight_codes(w: QuantizedWeight) -> torch.Tensor:
     """The stored integer (or fp8) codes as float32 [N, K]."""
     if w.fmt == "int4":
-        return unpack_int4(w.data).float()
+        return unpack_int4(w.data, w.pack).float()
     return w.data.float()
 
 

@@ -639,15 +639,17 @@ def candidates(k: int, had_block: int, sum_group: int, row_sum: bool, m: int = 1
                static: bool = False):
     """Valid launch candidates for this row shape (the first is the default under VIDITQ_TUNE=0).
 
-    ("pq", rows, warps): triton_prologue_quant's whole-row kernel with no prologue (dynamic scales, no code sums or
-    reordering), the block Hadamard as a transform in registers; the tensor-core kernels below follow."""
+    ("pq", rows, warps): triton_prologue_quant's whole-row kernel with no prologue (dynamic scales; code sums and
+    the perm32 order as its W4A8 mode writes them, no parity split), the block Hadamard as a transform in registers;
+    the tensor-core kernels below follow."""
     from . import triton_prologue_quant as tpq  # it imports this module
 
     legacy = os.environ.get(_LEGACY_ENV, "1" if not INTERPRET else "0")
     out = []
     pq = os.environ.get(_PQ_ENV, "1").strip() not in ("0", "")
-    if pq and legacy != "only" and not (static or sum_group or perm) and k <= tpq.MAX_K \
-            and tpq.had_supported(k, had_block):
+    w4_ok = k % 32 == 0 and (row_sum or tpq.group_sums_supported(k, sum_group))  # its code-sum / perm32 store
+    if pq and legacy != "only" and not static and perm != 1 and (w4_ok or not (sum_group or perm)) \
+            and k <= tpq.MAX_K and tpq.had_supported(k, had_block):
         # one or two rows per program (one warp per row won for the plain quantize: session 12)
         out += [("pq",) + c for c in tpq.candidates(k, m, 0, had_block if had_block > 1 else 0) if c[0] <= 2]
     if legacy != "only":
@@ -785,12 +787,15 @@ def launcher(c, k, dtype, device_str, had_block, pr, qmax, fmt, common_items):
         from . import triton_prologue_quant as tpq
 
         _, rows, nw = c
-        if common["STATIC"] or common["SUM_G"] or common["PERM"] or not tpq.had_supported(k, had_block):
-            raise ValueError(f"act-quant candidate {c} takes dynamic scales without code sums or reordering")
-        run = tpq.launcher((rows, nw), k, 0, common["HAS_MULT"], fmt, had_block if has_had else 0, 1e-6, fmax)
+        sg, perm = common["SUM_G"], common["PERM"]
+        w4 = 2 if perm == 2 else (1 if sg else 0)  # its W4A8 store: perm32 codes / natural codes, with code sums
+        if common["STATIC"] or perm == 1 or not tpq.had_supported(k, had_block) or (perm and not sg):
+            raise ValueError(f"act-quant candidate {c} takes dynamic scales, no parity split, perm32 with sums")
+        run = tpq.launcher((rows, nw), k, 0, common["HAS_MULT"], fmt, had_block if has_had else 0, 1e-6, fmax, w4,
+                           0 if common["ROW_SUM"] else sg)
 
-        def fn(x2, mv, q, scale, qs, sscale, m, stride_sm):
-            return run(x2, scale, scale, mv, q, scale, m, max(m, 1), 0, 0)
+        def fn(x2, mv, q, scale, qs, sscale, m, stride_sm):  # qs: a contiguous [M, K / sum_group] (as allocated)
+            return run(x2, scale, scale, mv, q, scale, m, max(m, 1), 0, 0, qs)
         return fn
     if c[0] in ("flat", "chunk"):
         _, bb, nw, occ, cw, pf, st = c

@@ -632,6 +632,8 @@ def supported(a_fmt: str, w) -> bool:
         g = w.group_size
         if g and (g & (g - 1) or g < 16 or w.in_features % g):
             return False
+        if w.fmt == "int4" and w.pack == "split16" and (w.in_features % 64 or (g and g < 32)):
+            return False  # the swapped kernels' K steps are whole 32-column blocks (>= 64 columns)
         return w.in_features % 2 == 0 or w.fmt == "int8"
     return False
 
@@ -735,16 +737,24 @@ def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False, return_launc
     residual [M, N] (unit channel stride), gate [B', N] (one row per sample of res_rows rows; B' = 1: one for all):
     the block's gated residual add in the epilogue, out = residual + gate * (GEMM + bias), every weight format.
 
-    a_perm: int4 only; the layout `a.q` holds the codes in (triton_act_quant.quantize_activation(perm=...)):
-    True / "parity" (parity-split halves) or "perm32" (16 even then 16 odd channels per 32; one dot per K step).
-    int4 weights with a_perm and per-token code sums in `a.qsum` (per weight group, or per token for per-channel
-    weights) let the swapped kernels multiply the raw nibbles and subtract 8 * qsum once (see _int4_halves_u).
+    a_perm: int4 weights in the "pairs" byte order only; the layout `a.q` holds the codes in
+    (triton_act_quant.quantize_activation(perm=...)): True / "parity" (parity-split halves) or "perm32" (16 even
+    then 16 odd channels per 32; one dot per K step). int4 weights in the "split16" order take natural-order codes.
+    int4 weights with a_perm (or split16) and per-token code sums in `a.qsum` (per weight group, or per token for
+    per-channel weights) let the swapped kernels multiply the raw nibbles and subtract 8 * qsum once (see
+    _int4_halves_u).
     """
     global last_kernel, last_config
     a_fmt = "fp8" if a.q.dtype == torch.float8_e4m3fn else "int8"
     perm_mode = {False: 0, None: 0, 0: 0, True: 1, 1: 1, "parity": 1, 2: 2, "perm32": 2}[a_perm]
     if not supported(a_fmt, w):
         return None
+    if w.fmt == "int4" and w.pack == "split16":
+        # split16 bytes + natural-order codes multiply exactly as "pairs" bytes + perm32 codes (the same K
+        # permutation on both sides): the same swapped kernels, the activation written in plain order
+        if perm_mode:
+            raise ValueError("split16 int4 weights take activation codes in natural order (a_perm=False)")
+        perm_mode = 2
     if residual is not None and (residual.stride(-1) != 1 or (gate is not None and gate.stride(-1) != 1)):
         return None  # the epilogue reads residual / gate rows with unit channel stride
     q = a.q if a.q.stride(-1) == 1 else a.q.contiguous()

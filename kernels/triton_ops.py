@@ -233,26 +233,33 @@ def prologue_quant_linear(x, prologue, shift, scale, rows_per_sample, eps, w, bi
             return plan(x2, shift, scale, rows_per_sample, w, bias, mult, residual, gate, res_rows)
     if act_fmt == "fp8" and not fp8_ok(x.device):
         return None
-    # symmetric int4 weights: the codes in the swapped W4A8 kernels' "perm32" order with each row's code sums (per
-    # weight group for group-wise weights; the raw-nibble GEMM subtracts 8 x the sum), written by the same one-pass
-    # kernel (VIDITQ_W4_PERM=0 / VIDITQ_W4_U4=0 / VIDITQ_W4_LAYOUT=parity: natural-order codes, unswapped kernels)
+    # symmetric int4 weights: each row's code sums (per weight group for group-wise weights; the raw-nibble GEMM
+    # subtracts 8 x the sum) written with the codes by the same one-pass kernel; the codes in natural order for
+    # weights kept in the "split16" byte order (QuantLinear's default), in the swapped W4A8 kernels' "perm32" order
+    # for "pairs" ones (VIDITQ_W4_PERM=0 / VIDITQ_W4_LAYOUT=parity there: natural order, unswapped kernels);
+    # VIDITQ_W4_U4=0: no sums (the GEMM unpacks signed nibbles)
     group = int(w.group_size or 0)
-    w4 = (w.fmt == "int4" and w.zero is None and act_fmt == "int8" and k % 64 == 0
-          and (not group or _pq.group_sums_supported(k, group))
-          and os.environ.get("VIDITQ_W4_PERM", "1") != "0" and os.environ.get("VIDITQ_W4_U4", "1") != "0"
-          and os.environ.get("VIDITQ_W4_LAYOUT", "auto").strip().lower() in ("auto", "perm32"))
+    w4 = 0  # the prologue kernel's W4A8 mode: 1 natural codes + sums, 2 perm32 codes + sums
+    if (w.fmt == "int4" and w.zero is None and act_fmt == "int8" and k % 64 == 0
+            and (not group or _pq.group_sums_supported(k, group)) and os.environ.get("VIDITQ_W4_U4", "1") != "0"):
+        if w.pack == "split16":
+            w4 = 1
+        elif (os.environ.get("VIDITQ_W4_PERM", "1") != "0"
+              and os.environ.get("VIDITQ_W4_LAYOUT", "auto").strip().lower() in ("auto", "perm32")):
+            w4 = 2
     try:
         got = _pq.prologue_quantize(x2, prologue, shift, scale, rows_per_sample, eps, mult, act_fmt, act_qmax, had,
-                                    return_launch=True, perm32=w4, sum_group=group if w4 else 0)
+                                    return_launch=True, perm32=w4 == 2, sums=w4 == 1, sum_group=group if w4 else 0)
         if got is None:
             return None
         a, quant_fn = got
         got = _gemm.quantized_matmul(a, w, bias, x.dtype, return_launch=True, residual=residual, gate=gate,
-                                     res_rows=res_rows, a_perm="perm32" if w4 else False)
-    except Exception as e:  # int4 only: a kernel that cannot run here leaves the general path (parity / natural)
-        if not w4:
+                                     res_rows=res_rows, a_perm="perm32" if w4 == 2 else False)
+    except Exception as e:  # int4 only: a kernel that cannot run here leaves the general path (parity / natural;
+        if not w4 and w.pack != "split16":  # for split16 weights the reference)
             raise
-        _note_once(f"fused W4A8 (perm32) path failed, using the general one: {e!r}"[:300])
+        _note_once(f"fused W4A8 ({'split16' if w.pack == 'split16' else 'perm32'}) path failed, using the general "
+                   f"one: {e!r}"[:300])
         return None
     if got is None:
         if w4:
@@ -297,11 +304,16 @@ def quant_linear(x, w, bias, mult=None, had_block=0, act_fmt="int8", act_qmax=12
     # interleave ("parity": even channels then odd ones; "perm32": the same within every 32 channels, one dot per K
     # step), and the per-token (per-group) code sums, so that the swapped W4A8 kernels multiply raw nibbles and
     # correct once in the epilogue (two bitwise ops per four weights instead of a sign fix per weight)
+    # (weights kept in the "split16" byte order take natural-order codes: only the sums)
     perm = False
     sg = sum_group
-    if w.fmt == "int4" and k % 64 == 0 and os.environ.get("VIDITQ_W4_PERM", "1") != "0":
+    u4 = not sg and os.environ.get("VIDITQ_W4_U4", "1") != "0"
+    if w.fmt == "int4" and w.pack == "split16":
+        if u4:
+            sg = w.group_size or k
+    elif w.fmt == "int4" and k % 64 == 0 and os.environ.get("VIDITQ_W4_PERM", "1") != "0":
         perm = "parity"
-        if not sg and os.environ.get("VIDITQ_W4_U4", "1") != "0":
+        if u4:
             sg = w.group_size or k
 
     def run_with(layout, return_launch=False):
@@ -321,7 +333,13 @@ def quant_linear(x, w, bias, mult=None, had_block=0, act_fmt="int8", act_qmax=12
     def run():
         return run_with(perm)
 
-    y, aq_fn, gemm_fn, a = run_with(perm, return_launch=True)
+    try:
+        y, aq_fn, gemm_fn, a = run_with(perm, return_launch=True)
+    except Exception as e:  # split16 int4 weights have only the swapped W4A8 kernels: the reference where they fail
+        if w.pack != "split16":
+            raise
+        _note_once(f"W4A8 kernels for split16 weights failed here, using the torch reference: {e!r}"[:300])
+        return None
     if y is not None and x2.is_cuda and not _aq.INTERPRET:
         _check_speed(x2, w, x2.shape[0], k, w.out_features, act_fmt, run)
     # keep a plan only for calls that need no conversion the full path made (checked again on every reuse)
@@ -367,7 +385,13 @@ def quantized_matmul(a, w, bias, out_dtype, residual=None, gate=None, res_rows=0
     res = (residual, gate, res_rows)
     if a.q.dtype == torch.float8_e4m3fn and not fp8_ok(a.q.device):
         return reference.quantized_matmul(a, w, bias, out_dtype, *res)
-    y = _gemm.quantized_matmul(a, w, bias, out_dtype, residual=residual, gate=gate, res_rows=res_rows)
+    try:
+        y = _gemm.quantized_matmul(a, w, bias, out_dtype, residual=residual, gate=gate, res_rows=res_rows)
+    except Exception as e:  # split16 int4 weights have only the swapped W4A8 kernels: the reference where they fail
+        if w.pack != "split16":
+            raise
+        _note_once(f"W4A8 kernels for split16 weights failed here, using the torch reference: {e!r}"[:300])
+        return reference.quantized_matmul(a, w, bias, out_dtype, *res)
     if y is None and residual is not None:  # no residual epilogue for this weight format: GEMM, then the add
         y = _gemm.quantized_matmul(a, w, bias, torch.float32)
         if y is not None:

@@ -142,21 +142,26 @@ def _fwht(x, R: tl.constexpr, C: tl.constexpr, HAD: tl.constexpr):
 
 @triton.jit
 def _store_codes_w4(Q, rows64, rmask, c0, K, stride_qm, v, m2, R: tl.constexpr, BK: tl.constexpr, QSUM=None,
-                    SUM_G: tl.constexpr = 0):
-    """int8 codes of v (as _store_codes) for channels c0 .. c0 + BK (c0 and K multiples of 32), written in the W4A8
-    GEMM's "perm32" order (within every 32 channels the 16 even ones, then the 16 odd ones): the even and the odd
-    codes split apart in registers, each stored as runs of 16 bytes. Returns each row's sum of the codes (int32),
-    which the raw-nibble W4A8 kernels subtract 8 times in their epilogue; SUM_G > 0 (group-wise weights): the sums
-    per SUM_G channels go to QSUM [M, K / SUM_G] here instead."""
-    tl.static_assert(BK % 32 == 0, "perm32 codes: pieces / chunks must be whole 32-channel blocks")
+                    SUM_G: tl.constexpr = 0, PERM32: tl.constexpr = True):
+    """int8 codes of v (as _store_codes) for channels c0 .. c0 + BK (c0 and K multiples of 32) for the W4A8 GEMM,
+    with their sums. PERM32 (int4 weights in the files' "pairs" byte order): written in "perm32" order (within
+    every 32 channels the 16 even ones, then the 16 odd ones): the even and the odd codes split apart in registers,
+    each stored as runs of 16 bytes; else (weights in "split16" order) in natural order. Returns each row's sum of
+    the codes (int32), which the raw-nibble W4A8 kernels subtract 8 times in their epilogue; SUM_G > 0 (group-wise
+    weights): the sums per SUM_G channels go to QSUM [M, K / SUM_G] here instead."""
+    tl.static_assert(BK % 32 == 0, "W4A8 codes: pieces / chunks must be whole 32-channel blocks")
     code = (v + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
-    qe, qo = tl.split(tl.reshape(code.to(tl.int8), [R, BK // 2, 2]))
-    j = tl.arange(0, BK // 2)  # channel c0 + 2j -> c0 + (j // 16) * 32 + j % 16; its odd neighbour 16 further
-    pos = c0 + (j // 16) * 32 + j % 16
-    hm = rmask[:, None] & (c0 + 2 * j < K)[None, :]
-    base = Q + rows64[:, None] * stride_qm + pos[None, :]
-    tl.store(base, qe, mask=hm)
-    tl.store(base + 16, qo, mask=hm)
+    if PERM32:
+        qe, qo = tl.split(tl.reshape(code.to(tl.int8), [R, BK // 2, 2]))
+        j = tl.arange(0, BK // 2)  # channel c0 + 2j -> c0 + (j // 16) * 32 + j % 16; its odd neighbour 16 further
+        pos = c0 + (j // 16) * 32 + j % 16
+        hm = rmask[:, None] & (c0 + 2 * j < K)[None, :]
+        base = Q + rows64[:, None] * stride_qm + pos[None, :]
+        tl.store(base, qe, mask=hm)
+        tl.store(base + 16, qo, mask=hm)
+    else:
+        cols = c0 + tl.arange(0, BK)
+        tl.store(Q + rows64[:, None] * stride_qm + cols[None, :], code.to(tl.int8), mask=m2)
     if SUM_G > 0:
         tl.static_assert(BK % SUM_G == 0, "group sums: pieces / chunks must be whole groups")
         gs = tl.sum(tl.reshape(tl.where(m2, code, 0), [R, BK // SUM_G, SUM_G]), axis=2)
@@ -180,12 +185,12 @@ def _prologue_quant_kernel(X, SHIFT, SCL, MULT, Q, S,
                            M, K, stride_xm, stride_qm, rows_per_sample, stride_shb, stride_scb, eps, fmax, hscale,
                            ROWS: tl.constexpr, BK1: tl.constexpr, BK2: tl.constexpr, PROLOGUE: tl.constexpr,
                            HAS_MULT: tl.constexpr, ONE_SAMPLE: tl.constexpr, IS_FP8: tl.constexpr,
-                           FP8_SOFT: tl.constexpr, HAD: tl.constexpr, QSUM=None, W4: tl.constexpr = False,
+                           FP8_SOFT: tl.constexpr, HAD: tl.constexpr, QSUM=None, W4: tl.constexpr = 0,
                            SUM_G: tl.constexpr = 0):
     """ROWS whole rows per program, each held as two power-of-two pieces [0, BK1) + [BK1, BK1 + BK2) (1152 =
     1024 + 128, 4608 = 4096 + 512: no padded lanes where K is such a sum; BK2 = 0: one piece).
-    W4 (int8 codes for the W4A8 GEMM): codes in "perm32" order and each row's code sum into QSUM (SUM_G > 0: the
-    sums per SUM_G channels)."""
+    W4 (int8 codes for the W4A8 GEMM): each row's code sum into QSUM (SUM_G > 0: the sums per SUM_G channels), the
+    codes in natural order (1) or in "perm32" order (2)."""
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     rmask = rows < M
@@ -225,10 +230,11 @@ def _prologue_quant_kernel(X, SHIFT, SCL, MULT, Q, S,
     sc, inv = _row_scale(amax, hscale, fmax)
     tl.store(S + rows, sc, mask=rmask)
     if W4:
-        tot = _store_codes_w4(Q, rows64, rmask, 0, K, stride_qm, x1 * inv[:, None], m1, ROWS, BK1, QSUM, SUM_G)
+        tot = _store_codes_w4(Q, rows64, rmask, 0, K, stride_qm, x1 * inv[:, None], m1, ROWS, BK1, QSUM, SUM_G,
+                              W4 == 2)
         if BK2 > 0:
             tot += _store_codes_w4(Q, rows64, rmask, BK1, K, stride_qm, x2 * inv[:, None], m2, ROWS, BK2, QSUM,
-                                   SUM_G)
+                                   SUM_G, W4 == 2)
         if SUM_G == 0:
             tl.store(QSUM + rows, tot, mask=rmask)
     else:
@@ -242,7 +248,7 @@ def _prologue_quant_kernel(X, SHIFT, SCL, MULT, Q, S,
 def _gelu_quant_chunked_kernel(X, MULT, Q, S, M, K, stride_xm, stride_qm, fmax, hscale,
                                ROWS: tl.constexpr, CK: tl.constexpr, PROLOGUE: tl.constexpr,
                                HAS_MULT: tl.constexpr, IS_FP8: tl.constexpr, FP8_SOFT: tl.constexpr,
-                               HAD: tl.constexpr, QSUM=None, W4: tl.constexpr = False, SUM_G: tl.constexpr = 0):
+                               HAD: tl.constexpr, QSUM=None, W4: tl.constexpr = 0, SUM_G: tl.constexpr = 0):
     """GELU prologue for wide rows (fc2's K = 4608): two passes over K in chunks of CK (a multiple of HAD), the
     second re-reading x from L2 (and transforming it again), instead of one whole row in registers."""
     pid = tl.program_id(0)
@@ -263,7 +269,8 @@ def _gelu_quant_chunked_kernel(X, MULT, Q, S, M, K, stride_xm, stride_qm, fmax, 
         if HAD > 1:
             x = _fwht(x, ROWS, CK, HAD)
         if W4:
-            tot += _store_codes_w4(Q, rows64, rmask, k0, K, stride_qm, x * inv[:, None], m2, ROWS, CK, QSUM, SUM_G)
+            tot += _store_codes_w4(Q, rows64, rmask, k0, K, stride_qm, x * inv[:, None], m2, ROWS, CK, QSUM, SUM_G,
+                                   W4 == 2)
         else:
             _store_codes(Q + rows64[:, None] * stride_qm + cols[None, :], x * inv[:, None], m2, fmax, IS_FP8,
                          FP8_SOFT)
@@ -343,21 +350,23 @@ def adaln_rows(shift, scale, m: int, rows_per_sample: int, k: int):
 
 
 def prologue_quantize(x, prologue, shift=None, scale=None, rows_per_sample=0, eps=1e-6, mult=None, fmt="int8",
-                      qmax=127, had_block=0, return_launch=False, perm32=False, sum_group=0):
+                      qmax=127, had_block=0, return_launch=False, perm32=False, sum_group=0, sums=False):
     """Triton twin of reference.prologue_quantize; None when no kernel fits (caller uses the reference).
     return_launch: (activation, the tuned launch for this row shape: launcher's fn) instead.
-    perm32 (int8, K % 32 == 0; for the W4A8 GEMM): the codes in "perm32" channel order, each row's code sum in the
-    activation's qsum [M, 1] (triton_act_quant.quantize_activation(perm="perm32", sum_group=K) writes the same);
-    with sum_group (group-wise int4 weights) the sums per sum_group channels, qsum [M, K / sum_group]."""
+    For the W4A8 GEMM (int8, K % 32 == 0): sums: each row's code sum in the activation's qsum [M, 1] (with
+    sum_group, group-wise int4 weights: the sums per sum_group channels, qsum [M, K / sum_group]); perm32 (weights
+    in the "pairs" byte order): the same, the codes in "perm32" channel order
+    (triton_act_quant.quantize_activation(perm="perm32", sum_group=K) writes the same)."""
     if prologue not in PROLOGUES or fmt not in ("int8", "fp8"):
         raise ValueError(f"prologue_quantize: unknown prologue {prologue!r} or format {fmt!r}")
     k = x.shape[-1]
     had = int(had_block) if had_block and had_block > 1 else 0
     if k > MAX_K or x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not had_supported(k, had):
         return None
-    if perm32 and (fmt != "int8" or k % 32):
-        raise ValueError(f"prologue_quantize: perm32 codes need int8 and K % 32 == 0 (K = {k}, {fmt})")
-    sum_group = int(sum_group) if perm32 and sum_group and sum_group != k else 0
+    w4 = 2 if perm32 else (1 if sums else 0)  # the kernel's W4 mode
+    if w4 and (fmt != "int8" or k % 32):
+        raise ValueError(f"prologue_quantize: W4A8 codes (sums / perm32) need int8 and K % 32 == 0 (K = {k}, {fmt})")
+    sum_group = int(sum_group) if w4 and sum_group and sum_group != k else 0
     if sum_group and not group_sums_supported(k, sum_group):
         return None
     x2 = x.reshape(-1, k)
@@ -367,7 +376,7 @@ def prologue_quantize(x, prologue, shift=None, scale=None, rows_per_sample=0, ep
     dev = x2.device
     q = torch.empty((m, k), device=dev, dtype=torch.float8_e4m3fn if fmt == "fp8" else torch.int8)
     s = torch.empty((m,), device=dev, dtype=torch.float32)
-    qs = torch.empty((m, k // sum_group if sum_group else 1), device=dev, dtype=torch.int32) if perm32 else None
+    qs = torch.empty((m, k // sum_group if sum_group else 1), device=dev, dtype=torch.int32) if w4 else None
     if m == 0:
         a = QuantizedActivation(q=q, scale=s, qsum=qs)
         return (a, None) if return_launch else a
@@ -383,7 +392,7 @@ def prologue_quantize(x, prologue, shift=None, scale=None, rows_per_sample=0, ep
     if has_mult and (mult.device != dev or not mult.is_contiguous() or mult.dim() != 1):
         mult = mult.reshape(-1).to(device=dev).contiguous()
     fmax = FP8_E4M3_MAX if fmt == "fp8" else float(qmax)
-    setup = (k, pcode, has_mult, fmt, had, float(eps), fmax, bool(perm32), sum_group)
+    setup = (k, pcode, has_mult, fmt, had, float(eps), fmax, w4, sum_group)
     args = (x2, sh, sc, mult if has_mult else s, q, s, m, rows_per_sample, stride_sh, stride_sc, qs)
 
     def launch(c):
@@ -391,7 +400,7 @@ def prologue_quantize(x, prologue, shift=None, scale=None, rows_per_sample=0, ep
 
     global last_config
     key = (k, m_bucket(m), x2.dtype, str(dev), pcode, has_mult, fmt, had, os.environ.get("VIDITQ_TUNE", "1"),
-           bool(perm32), sum_group)
+           w4, sum_group)
     last_config = tuner.pick(key, [c for c in candidates(k, m, pcode, had)
                                    if len(c) < 3 or not sum_group or c[2] % sum_group == 0], launch)
     launch(last_config)
@@ -400,11 +409,12 @@ def prologue_quantize(x, prologue, shift=None, scale=None, rows_per_sample=0, ep
 
 
 @functools.lru_cache(maxsize=256)
-def launcher(c, k, pcode, has_mult, fmt, had, eps, fmax, w4=False, sum_group=0):
+def launcher(c, k, pcode, has_mult, fmt, had, eps, fmax, w4=0, sum_group=0):
     """The launch of candidate c for one row shape with everything but the tensors bound once:
     fn(x2, shift_rows, scale_rows, mult_or_s, q, s, m, rows_per_sample, stride_sh, stride_sc[, qsum]) (a fused
-    layer's launch plan keeps it: triton_ops.FusedPlan); w4: perm32 codes and row sums into qsum [M, 1] (per
-    sum_group channels: [M, K / sum_group])."""
+    layer's launch plan keeps it: triton_ops.FusedPlan); w4 1: row code sums into qsum [M, 1] (per sum_group
+    channels: [M, K / sum_group]); 2: the same with perm32 codes."""
+    w4 = int(w4)
     rows, nw = c[:2]
     hscale = had ** -0.5 if had else 1.0
     is_fp8 = fmt == "fp8"

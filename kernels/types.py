@@ -27,8 +27,12 @@ class QuantizedWeight:
 
     fmt:
       "int8": data int8 [N, K] (also used for 6-bit and lower: values stay in [-qmax, qmax])
-      "int4": data uint8 [N, K // 2], two values per byte, offset-binary: low nibble = column 2j,
-              high nibble = column 2j+1, value = nibble - 8
+      "int4": data uint8 [N, K // 2], two values per byte, offset-binary (value = nibble - 8), in one of two
+              byte orders (`pack`):
+                "pairs"   (files, the default): low nibble = column 2j, high nibble = column 2j+1;
+                "split16" (in memory, K % 64 == 0; quant_linear.QuantLinear): within every 32 columns 32b..32b+31,
+                          byte 16b+i holds column 32b+i (low nibble) and column 32b+16+i (high nibble), so that
+                          the W4A8 GEMM's register unpack yields columns in natural order (kernels/triton_gemm.py)
       "fp8":  data float8_e4m3fn [N, K]
     group_size 0 means one scale per output channel (scale/zero shape [N]); otherwise [N, K // group_size].
     """
@@ -39,7 +43,25 @@ class QuantizedWeight:
     fmt: str
     in_features: int
     group_size: int = 0
+    pack: str = "pairs"
 
     @property
     def out_features(self) -> int:
         return self.data.shape[0]
+
+    @property
+    def fmt_tag(self) -> str:
+        """fmt, with a non-default int4 byte order appended ("int4:split16"): one string for custom-op schemas."""
+        return self.fmt if self.pack == "pairs" else f"{self.fmt}:{self.pack}"
+
+
+INT4_PACKS = ("pairs", "split16")
+
+
+def split_fmt_tag(tag: str):
+    """(fmt, pack) of a QuantizedWeight.fmt_tag."""
+    fmt, _, pack = tag.partition(":")
+    pack = pack or "pairs"
+    if pack not in INT4_PACKS or (pack != "pairs" and fmt != "int4"):
+        raise ValueError(f"unknown weight format tag {tag!r}")
+    return fmt, pack

@@ -118,7 +118,7 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
 def _quant_entry(q: QuantLinear, prefix: str, tensors: Dict[str, torch.Tensor]) -> Dict:
     present = []
     for attr in LAYER_TENSORS:
-        t = getattr(q, attr)
+        t = q.file_qweight() if attr == "qweight" else getattr(q, attr)  # int4: the files' byte order
         if t is None:
             continue
         tensors[f"{prefix}{attr}"] = _cpu(t)

@@ -6,6 +6,7 @@ With simulate=True (fake quant, for research and sensitivity sweeps) the same ma
 torch reference with a cached dequantized weight.
 """
 import copy
+import os
 from typing import Dict, Optional
 
 import torch
@@ -13,12 +14,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
-from ..kernels.reference import dequantize_weight
-from ..kernels.types import QuantizedWeight
+from ..kernels.reference import dequantize_weight, repack_int4
+from ..kernels.types import INT4_PACKS, QuantizedWeight
 from .balancing import balance, balance_activation, hadamard_block_for, rotation_signs, smoothing_vector
 from .calibration import bucket_of
 from .config import QuantConfig
 from .quantizers import fake_quantize_activation, quantize_weight
+
+
+W4_PACK_ENV = "VIDITQ_W4_PACK"  # split16 (default) | pairs: the in-memory byte order of int4 weights
+
+
+def int4_memory_pack(in_features: int, group_size: int = 0) -> str:
+    """The byte order a QuantLinear keeps int4 codes in (kernels.types.QuantizedWeight.pack): "split16" where the
+    W4A8 GEMM takes it (K % 64 == 0, groups of >= 32 columns): the kernel's register unpack then yields columns in
+    natural order, so the activation codes need no reordering (a plain store in the quantize kernel, which the
+    perm32 order made ~2x slower: bench/NOTES_e2e.md, session 17). VIDITQ_W4_PACK=pairs keeps the files' order
+    (the activation-reordering "perm32" / "parity" paths, for comparison)."""
+    env = os.environ.get(W4_PACK_ENV, "split16").strip().lower() or "split16"
+    if env not in INT4_PACKS:
+        raise ValueError(f"{W4_PACK_ENV} must be one of {', '.join(INT4_PACKS)}, got {env!r}")
+    return env if in_features % 64 == 0 and (not group_size or group_size >= 32) else "pairs"
 
 
 def layer_group_size(in_features: int, wanted: int) -> int:
@@ -48,7 +64,11 @@ class QuantLinear(nn.Module):
         self.backend = backend
         self.simulate = False
         self.meta = dict(meta or {})
-        self.register_buffer("qweight", qweight.data)
+        # int4: the codes in the byte order the kernels read best (int4_memory_pack); files keep "pairs"
+        # (checkpoint.py converts), the module's own state_dict holds the buffer as it is (w_pack says which order)
+        self.w_pack = int4_memory_pack(self.in_features, self.group_size) if qweight.fmt == "int4" else "pairs"
+        data = repack_int4(qweight.data, qweight.pack, self.w_pack) if qweight.fmt == "int4" else qweight.data
+        self.register_buffer("qweight", data)
         self.register_buffer("w_scale", qweight.scale)
         self.register_buffer("w_zero", qweight.zero)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
@@ -101,7 +121,14 @@ class QuantLinear(nn.Module):
         # scales stay fp32 even if someone casts the module (e.g. model.half()): kernels expect fp32
         zero = None if self.w_zero is None else self.w_zero.float()
         return QuantizedWeight(data=self.qweight, scale=self.w_scale.float(), zero=zero, fmt=self.w_fmt,
-                               in_features=self.in_features, group_size=self.group_size)
+                               in_features=self.in_features, group_size=self.group_size,
+                               pack=getattr(self, "w_pack", "pairs"))
+
+    def file_qweight(self) -> torch.Tensor:
+        """The weight codes in the files' byte order (int4: "pairs", whatever order the layer keeps in memory)."""
+        if self.w_fmt != "int4":
+            return self.qweight
+        return repack_int4(self.qweight, getattr(self, "w_pack", "pairs"), "pairs")
 
     def set_simulate(self, on: bool) -> None:
         self.simulate = on
@@ -205,7 +232,8 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, w={self.w_fmt}"
-                f"{'/g' + str(self.group_size) if self.group_size else ''}, a={self.act_fmt}:{self.a_bits}b, "
+                f"{'/g' + str(self.group_size) if self.group_size else ''}"
+                f"{'/' + self.w_pack if self.w_fmt == 'int4' else ''}, a={self.act_fmt}:{self.a_bits}b, "
                 f"hadamard={self.had_block}, smoothed={self.meta.get('smoothed')}"
                 f"{', fused=' + self.input_act if self.input_act else ''}"
                 f"{', fused=norm_modulate' if self.norm_eps is not None else ''}"

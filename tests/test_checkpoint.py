@@ -83,8 +83,13 @@ def test_round_trip_is_bit_identical(model, calib, tmp_path, preset):
         for attr in ckpt_mod.LAYER_TENSORS:
             a, b = getattr(q, attr), getattr(got, attr)
             assert (a is None) == (b is None) and (a is None or (a.dtype == b.dtype and torch.equal(a, b))), attr
-        assert (got.w_fmt, got.group_size, got.had_block, got.a_bits, got.act_fmt) == \
-               (q.w_fmt, q.group_size, q.had_block, q.a_bits, q.act_fmt)
+        assert (got.w_fmt, got.group_size, got.had_block, got.a_bits, got.act_fmt, got.w_pack) == \
+               (q.w_fmt, q.group_size, q.had_block, q.a_bits, q.act_fmt, q.w_pack)
+        if q.w_fmt == "int4":  # the file holds the "pairs" byte order whatever the layer keeps in memory
+            with safe_open(str(path), "pt") as f:
+                assert torch.equal(f.get_tensor(f"{name}.qweight"), q.file_qweight())
+    if config.w_bits == 4:
+        assert any(q.w_pack == "split16" for q in layers.values())
     fp_keys = {k for k in model.state_dict() if not k.startswith(tuple(n + "." for n in layers))}
     for k in fp_keys:
         assert torch.equal(loaded.state_dict()[k], model.state_dict()[k]), k

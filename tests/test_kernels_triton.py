@@ -3,15 +3,17 @@
 Every kernel: the fused activation quantize (the one-pass flat kernel, plain and persistent with prefetch; the
 two-pass chunk kernel; the legacy whole-row kernel), both Hadamard precisions, every code order (natural, parity,
 perm32) with code sums; the pointer and persistent TMA GEMMs for int8 / int4 (per channel, group 64/128) / fp8
-weights, symmetric and asymmetric, and the swapped W4A8 GEMMs (signed and raw-nibble, parity and perm32); fp16 /
-bf16 / fp32 in and out, odd sizes (M = 1, 7, 129), extreme tokens (one 1000x the rest, one all zero), outputs
-poisoned before each run.
+weights, symmetric and asymmetric, and the swapped W4A8 GEMMs (signed and raw-nibble; parity or perm32 codes, or
+natural codes on split16 weights); fp16 / bf16 / fp32 in and out, odd sizes (M = 1, 7, 129), extreme tokens (one
+1000x the rest, one all zero), outputs poisoned before each run.
 
 What the interpreter cannot show (checked on the GPU by bench/bench_linear.py instead): the bf16 hi/lo split of
 the Hadamard product (the interpreter's bf16 dot is broken, so the kernel uses an fp32 dot there; the fp16 fast
 path is emulated by rounding to fp16 then an fp32 dot), the hardware fp8 conversion (the interpreter's truncates,
 so the kernel rounds to the e4m3 grid itself there), speed.
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -203,13 +205,17 @@ def test_act_quant_fast_precision(m, k, dt, had, mode):
     assert rel_err(reference.dequantize_activation(a), reference.dequantize_activation(r)) < 6e-3
 
 
-@pytest.mark.parametrize("mode", ["flat", "chunk"])
-@pytest.mark.parametrize("perm", ["parity", "perm32"])
+@pytest.mark.parametrize("mode,perm", [(md, pm) for md in ("flat", "chunk") for pm in ("parity", "perm32")]
+                         + [("pq", "perm32"), ("pq", False)])
 @pytest.mark.parametrize("m,k,had,sg", [(7, 256, 64, 256), (129, 1152, 128, 128), (1, 192, 0, 64)])
 def test_act_quant_code_orders(m, k, had, sg, perm, mode):
-    """The W4A8 layer's code orders, with the code sums the raw-nibble GEMMs use."""
+    """The W4A8 layer's code orders, with the code sums the raw-nibble GEMMs use (natural order: split16 weights;
+    "pq": the whole-row transform kernel's W4A8 store)."""
     x = make_x(m, k, torch.bfloat16, seed=k + m)
     mult = torch.rand(k) + 0.5
+    if mode == "pq":
+        cands = taq.candidates(k, had, sg, sg == k, m, taq.PERM_MODES[perm], False)
+        assert any(c[0] == "pq" for c in cands)
     a = _run_aq(x, mult, had, "int8", 127, None, sg, mode, perm=perm)
     r = reference.quantize_activation(x, mult, had, "int8", 127, None, sg)
     rq = _perm_codes(r.q, perm)
@@ -379,7 +385,8 @@ def test_gemm_realistic_shape(kind, monkeypatch):
 
 
 W4_KINDS = {"parity": ["swap", "swapt", "swapts", "swapt2", "ptr", "tma"],
-            "perm32": ["swap", "swapt", "swapts", "swapt2"]}
+            "perm32": ["swap", "swapt", "swapts", "swapt2"],
+            "split16": ["swap", "swapt", "swapts", "swapt2"]}  # weights repacked, codes in natural order
 
 
 @pytest.mark.parametrize("layout,kind", [(lay, kd) for lay, kinds in W4_KINDS.items() for kd in kinds])
@@ -388,17 +395,28 @@ W4_KINDS = {"parity": ["swap", "swapt", "swapts", "swapt2", "ptr", "tma"],
 def test_w4a8_layouts(m, n, k, group, asym, sums, layout, kind, monkeypatch):
     """W4A8 on reordered activation codes: the swapped kernels (int4 weights unpacked in registers as the wgmma's A
     operand; raw nibbles minus 8 * code sums when the sums are given, sign-corrected nibbles otherwise; perm32: one
-    dot per K step) and the parity-split pointer / TMA kernels; the oracle is the exact GEMM of the natural codes."""
+    dot per K step) and the parity-split pointer / TMA kernels; split16: the weights in that byte order, the codes in
+    natural order (what perm32 computes, the permutation moved to the weights); the oracle is the exact GEMM of the
+    natural codes."""
     w = make_w(n, k, "int4", group, asym, seed=m + n)
     x = make_x(m, k, torch.float32, seed=k)
     sg = (group or k) if (asym or sums) else 0
     r = reference.quantize_activation(x, None, 0, "int8", 127, None, sg)
+    want = reference.quantized_matmul(r, w, None, torch.float64)
     a = type(r)(q=_perm_codes(r.q, layout).contiguous(), scale=r.scale, qsum=r.qsum)
+    a_perm = layout
+    if layout == "split16":
+        w = dataclasses.replace(w, data=reference.repack_int4(w.data, "pairs", "split16"), pack="split16")
+        assert torch.equal(reference.weight_codes(w), reference.weight_codes(make_w(n, k, "int4", group, asym,
+                                                                                    seed=m + n)))
+        a_perm = False
+        with pytest.raises(ValueError, match="natural order"):
+            tg.quantized_matmul(a, w, None, torch.float32, a_perm="perm32")
     monkeypatch.setenv("VIDITQ_GEMM_KINDS", kind)
-    cands = tg.candidates(m, n, k, True, group, True, True, taq.PERM_MODES[layout])
+    cands = tg.candidates(m, n, k, True, group, True, True, 2 if layout == "split16" else taq.PERM_MODES[layout])
     assert all(c[0] == kind for c in cands)
-    y = _run_gemm(a, w, None, torch.float32, kind, monkeypatch, a_perm=layout)
-    assert rel_err(y, reference.quantized_matmul(r, w, None, torch.float64)) < 1e-5
+    y = _run_gemm(a, w, None, torch.float32, kind, monkeypatch, a_perm=a_perm)
+    assert rel_err(y, want) < 1e-5
 
 
 @pytest.mark.parametrize("kind", W4_KINDS["perm32"])
@@ -554,16 +572,22 @@ def test_quant_linear_plan_takes_the_call_tensors():
 @pytest.mark.parametrize("prologue,had,residual,fmt", [
     ("norm_modulate", 128, True, "int8"), ("gelu_tanh", 0, False, "int8"), ("none", 64, True, "int8"),
     ("norm_modulate", 128, True, "int4"), ("gelu_tanh", 0, False, "int4"), ("norm_modulate", 128, True, "int4g128"),
-    ("none", 0, False, "int4g64"), pytest.param("norm_modulate", 0, True, "fp8", marks=fp8_only)])
+    ("none", 0, False, "int4g64"), ("norm_modulate", 128, True, "int4s16"), ("gelu_tanh", 0, True, "int4g64s16"),
+    pytest.param("norm_modulate", 0, True, "fp8", marks=fp8_only)])
 def test_fused_layer_plan_reuse(prologue, had, residual, fmt, monkeypatch):
     """triton_ops.prologue_quant_linear (a fused layer: producer + quantize, GEMM + epilogue): the second call at a
     token bucket runs the cached FusedPlan, with the same results as the full path (per-sample adaLN vectors, the
     rotation, the gated residual); a call of another kind (no residual) makes its own plan. int4 weights: the
-    quantize writes perm32 codes + row sums for the swapped W4A8 kernel, whose epilogue adds the residual."""
+    quantize writes perm32 codes (split16 weights, "s16": natural-order codes) + row sums for the swapped W4A8
+    kernel, whose epilogue adds the residual."""
     k, n, rows = 256, 72, 2
+    split16 = fmt.endswith("s16")
+    fmt = fmt[:-3] if split16 else fmt
     group = int(fmt[5:]) if fmt.startswith("int4g") else 0
     fmt = "int4" if group else fmt
     w = make_w(n, k, fmt, group)
+    if split16:
+        w = dataclasses.replace(w, data=reference.repack_int4(w.data, "pairs", "split16"), pack="split16")
     act = "fp8" if fmt == "fp8" else "int8"
     mult = torch.rand(k) + 0.5
     bias = torch.randn(n).to(torch.bfloat16)
@@ -587,6 +611,7 @@ def test_fused_layer_plan_reuse(prologue, had, residual, fmt, monkeypatch):
     if fmt == "int4":
         assert [p.w4 for p in w.data._viditq_fused_plans.values()] == [k // (group or k)]  # code-sum columns
         assert tg.last_config[0].startswith("swap")  # the raw-nibble kernel on perm32 codes
+        assert triton_ops._pq.last_config is not None
     monkeypatch.setattr(triton_ops._pq, "prologue_quantize", lambda *a, **kw: pytest.fail("the full path ran again"))
     check(8, 2, residual)  # bucket 8 again: the plan, on new inputs
     check(6, 3, residual)  # 3 samples in the same bucket
@@ -661,3 +686,21 @@ def test_fused_w4a8_falls_back_when_its_kernels_fail(monkeypatch):
     monkeypatch.setenv("VIDITQ_W4_PERM", "0")
     y = triton_ops.prologue_quant_linear(x, "gelu_tanh", None, None, 0, 1e-6, w, None)
     assert y is not None and rel_err(y, r) < 1e-2 and not tg.last_config[0].startswith("swap")
+
+
+def test_split16_w4a8_falls_back_to_the_reference_when_its_kernels_fail(monkeypatch, caplog):
+    """split16 int4 weights have only the swapped kernels: where those cannot run, the layer's fused and plain
+    calls give the reference's result (said once) instead of failing."""
+    k, n, m = 128, 40, 6
+    w0 = make_w(n, k, "int4")
+    w = dataclasses.replace(w0, data=reference.repack_int4(w0.data, "pairs", "split16"), pack="split16")
+    x = make_x(m, k, torch.float32, seed=9).to(torch.bfloat16)
+    r = reference.quantized_matmul(reference.prologue_quantize(x, "gelu_tanh"), w0, None, torch.float64)
+    monkeypatch.setattr(tg, "quantized_matmul", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("no luck")))
+    monkeypatch.setattr(dispatch, "resolve_backend", lambda *a: "triton")
+    y = dispatch.prologue_quant_linear(x, "gelu_tanh", None, None, 0, 1e-6, w, None)
+    assert rel_err(y, r) < 1e-2
+    xq = make_x(m, k, torch.float32, seed=10).to(torch.bfloat16)
+    rq = reference.quantized_matmul(reference.quantize_activation(xq), w0, None, torch.float64)
+    assert rel_err(dispatch.quant_linear(xq, w, None), rq) < 1e-2
+    assert "split16" in caplog.text

@@ -158,9 +158,9 @@ def test_bad_shapes_are_refused():
                                                             ("gelu_tanh", 9, 256, 64, True, 64),
                                                             ("none", 5, 192, 0, False, 64)])
 def test_perm32_codes_and_row_sums_for_w4a8(prologue, m, k, had, chunked, group):
-    """perm32 (the W4A8 GEMM's layout): the same codes as the natural order, each 32-channel block written as its
-    16 even then its 16 odd channels, and each row's code sum in qsum (per group of channels for group-wise
-    weights)."""
+    """perm32 (the W4A8 GEMM's layout for "pairs" weights): the same codes as the natural order, each 32-channel
+    block written as its 16 even then its 16 odd channels, and each row's code sum in qsum (per group of channels
+    for group-wise weights); sums alone (split16 weights): the natural order with the same sums."""
     rows = m if m % 2 else m // 2
     x, shift, scale, mult = _inputs(m, k, torch.bfloat16, seed=m + k, batch=m // rows)
     x[0, :2] = torch.tensor([500.0, -500.0])
@@ -169,6 +169,7 @@ def test_perm32_codes_and_row_sums_for_w4a8(prologue, m, k, had, chunked, group)
     tpq.tuner.force = (2, 4, 64) if chunked else None
     try:
         a = tpq.prologue_quantize(*args, perm32=True, sum_group=group)
+        nat = tpq.prologue_quantize(*args, sums=True, sum_group=group)  # for split16 weights: natural order
         plain = tpq.prologue_quantize(*args)
     finally:
         tpq.tuner.force = None
@@ -181,6 +182,7 @@ def test_perm32_codes_and_row_sums_for_w4a8(prologue, m, k, had, chunked, group)
     g = group or k
     assert a.qsum.shape == (m, k // g) and a.qsum.dtype == torch.int32
     assert torch.equal(a.qsum, plain.q.to(torch.int32).reshape(m, k // g, g).sum(-1))
+    assert torch.equal(nat.q, plain.q) and torch.equal(nat.scale, plain.scale) and torch.equal(nat.qsum, a.qsum)
     with pytest.raises(ValueError, match="perm32"):
         tpq.prologue_quantize(x, prologue, shift, scale, rows, 1e-6, mult, "fp8", 448, had, perm32=True)
 

@@ -67,3 +67,32 @@ def test_group_size_falls_back_for_layers_it_does_not_divide():
     assert layer_group_size(96, 128) == 32 and layer_group_size(100, 128) == 0
     q = QuantLinear.from_linear(_linear(192, 40), "l", get_preset("w4a8-g128"))
     assert q.group_size == 64 and q.w_scale.shape == (40, 3)
+
+
+@torch.no_grad()
+def test_int4_weights_kept_in_the_kernels_byte_order(monkeypatch):
+    """int4 layers keep their codes in the "split16" byte order the W4A8 GEMM unpacks in natural column order
+    (VIDITQ_W4_PACK=pairs: the files' order); the layer computes the same either way, and file_qweight gives the
+    files' bytes. Layers the kernels cannot take that way (K % 64, groups of 16) keep "pairs"."""
+    from viditq.kernels.reference import dequantize_weight, pack_int4, unpack_int4
+
+    lin = _linear(256, 40)
+    x = torch.randn(5, 256)
+    q = QuantLinear.from_linear(lin, "l", get_preset("w4a8"))
+    monkeypatch.setenv("VIDITQ_W4_PACK", "pairs")
+    p = QuantLinear.from_linear(lin, "l", get_preset("w4a8"))
+    monkeypatch.delenv("VIDITQ_W4_PACK")
+    assert (q.w_pack, p.w_pack) == ("split16", "pairs") and "split16" in repr(q)
+    assert not torch.equal(q.qweight, p.qweight) and torch.equal(q.file_qweight(), p.qweight)
+    codes = unpack_int4(p.qweight)
+    assert torch.equal(q.file_qweight(), pack_int4(codes))
+    # byte 16b + i holds column 32b + i (low nibble) and 32b + 16 + i (high nibble)
+    assert torch.equal((q.qweight[:, 17] & 15).to(torch.int8) - 8, codes[:, 33])
+    assert torch.equal((q.qweight[:, 17] >> 4).to(torch.int8) - 8, codes[:, 49])
+    assert torch.equal(dequantize_weight(q.quantized_weight()), dequantize_weight(p.quantized_weight()))
+    assert torch.equal(q(x), p(x))
+    assert QuantLinear.from_linear(_linear(96, 8), "l", get_preset("w4a8")).w_pack == "pairs"
+    assert QuantLinear.from_linear(_linear(256, 8), "l", get_preset("w8a8")).w_pack == "pairs"
+    monkeypatch.setenv("VIDITQ_W4_PACK", "nibbles")
+    with pytest.raises(ValueError, match="VIDITQ_W4_PACK"):
+        QuantLinear.from_linear(lin, "l", get_preset("w4a8"))

@@ -40,12 +40,19 @@ def reference_linear(layer, x):
     return reference.quantized_matmul(a, w, layer.bias, torch.float64).reshape(*x.shape[:-1], w.out_features)
 
 
+PRESETS = None  # --presets: only these
+
+
+def _presets(names):
+    return [p for p in names if PRESETS is None or p in PRESETS]
+
+
 def check_layers(rows):
     g = torch.Generator().manual_seed(0)
     for k, n in ((1152, 4608), (4608, 1152)):
         lin = torch.nn.Linear(k, n).cuda().to(torch.bfloat16)
         absmax = (torch.rand(k, generator=g) * 4 + 0.5).cuda()
-        for preset in ("w8a8", "w8a8-fp8", "w8a8-smoothquant", "w4a8", "w4a8-g128"):
+        for preset in _presets(("w8a8", "w8a8-fp8", "w8a8-smoothquant", "w4a8", "w4a8-g128")):
             layer = QuantLinear.from_linear(lin, f"blocks.0.mlp.fc{1 if k == 1152 else 2}", get_preset(preset), absmax,
                                             "auto").cuda()
             for m in (7, 2048, 2000, 2048):  # 2000 and the second 2048 run the bucket's plan
@@ -74,7 +81,7 @@ def check_fused(rows):
     from viditq.quant_core import fusion_patches
 
     model, (x, t, ctx), g = small_pixart(seed=2)
-    for preset in ("w8a8-smoothquant", "w8a8-fp8-norot", "w8a8", "w8a8-fp8", "w4a8"):  # the last three rotated
+    for preset in _presets(("w8a8-smoothquant", "w8a8-fp8-norot", "w8a8", "w8a8-fp8", "w4a8", "w4a8-g128")):
         cfg = dataclasses.replace(get_preset("w8a8-fp8"), rotate=False) if preset == "w8a8-fp8-norot" \
             else get_preset(preset)
         layers, _ = build_quant_layers(model, cfg, None, None, "auto")
@@ -240,7 +247,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--only", default="compiled,video,layers,fused", help="which checks, in this order")
+    p.add_argument("--presets", default="", help="layers / fused checks: only these presets (comma-separated)")
     args = p.parse_args()
+    global PRESETS
+    PRESETS = set(args.presets.split(",")) if args.presets else None
     if not torch.cuda.is_available():
         sys.exit("gpu_check.py needs a CUDA GPU")
     rows = _Printed()

@@ -11,6 +11,7 @@ against its bandwidth floor. Writes bench/results/linear_<gpu>.json and prints a
     python bench/bench_linear.py --dry                # CPU interpreter, tiny shapes: checks this script only
 """
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -117,6 +118,13 @@ def make_weight(n, k, fmt, group=0, asym=False):
     else:
         data = (torch.randn(n, k, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn).to(DEV)
     return QuantizedWeight(data=data, scale=scale, zero=zero, fmt=fmt, in_features=k, group_size=group)
+
+
+def split16(w):
+    """w (int4, "pairs") in the "split16" byte order QuantLinear keeps in memory (K % 64 == 0; else w itself)."""
+    if w.in_features % 64:
+        return w
+    return dataclasses.replace(w, data=reference.repack_int4(w.data, "pairs", "split16"), pack="split16")
 
 
 def make_x(m, k, dtype=torch.bfloat16, seed=0):
@@ -359,6 +367,7 @@ def time_shape(m, name, k, n):
     wf8 = make_weight(n, k, "fp8")
     w4 = make_weight(n, k, "int4")
     w4g = make_weight(n, k, "int4", group=128)
+    w4s, w4gs = split16(w4), split16(w4g)  # the byte order QuantLinear keeps int4 weights in (K % 64 == 0)
     wb = reference.dequantize_weight(w8).to(torch.bfloat16)
 
     base = measure(lambda: F.linear(x, wb, bias))
@@ -396,12 +405,16 @@ def time_shape(m, name, k, n):
         return type(a8)(q=_perm_codes(a8.q, layout).contiguous(), scale=a8.scale, qsum=qsum)
 
     variants = [("w8a8_int8", w8, "int8", "per_channel", False), ("w8a8_fp8", wf8, "fp8", "per_channel", False),
+                ("w4a8", w4s, "int8", "per_channel", "split16"), ("w4a8", w4gs, "int8", "group128", "split16"),
                 ("w4a8", w4, "int8", "per_channel", "perm32"), ("w4a8", w4, "int8", "per_channel", "parity"),
                 ("w4a8", w4g, "int8", "group128", "perm32"), ("w4a8", w4g, "int8", "group128", "parity")]
-    for variant, w, af, wkind, perm in variants:
+    for variant, w, af, wkind, layout in variants:
         if af == "fp8" and not tops.fp8_ok(torch.device(DEV)):
             continue
-        a = w4_codes(perm, w.group_size) if perm else (a8 if af == "int8" else af8)
+        if w.pack == "split16" and w.pack != layout:
+            continue  # (K % 64 != 0: no split16 copy)
+        perm = False if layout == "split16" else layout  # split16 weights: natural-order codes with their sums
+        a = w4_codes(perm, w.group_size) if layout else (a8 if af == "int8" else af8)
         try:
             out = torch.full((m, n), float("nan"), device=DEV, dtype=torch.bfloat16)
             y = tgemm.quantized_matmul(a, w, bias, torch.bfloat16, out=out, a_perm=perm)  # tunes once per shape
@@ -410,7 +423,7 @@ def time_shape(m, name, k, n):
             kern = tgemm.last_kernel
             cfg = tgemm.last_config
             meas = measure(lambda: tgemm.quantized_matmul(a, w, bias, torch.bfloat16, out=out, a_perm=perm))
-            layout = perm or "natural"
+            layout = layout or "natural"
             add(m, k, n, variant, meas, base, e < 8e-3, layer=name, weight=wkind, mode="gemm", a_layout=layout,
                 rel_err=e, config=list(cfg) if cfg else None)
             if m == 8192:
@@ -419,11 +432,11 @@ def time_shape(m, name, k, n):
             LOG["errors"].append(f"{variant} {wkind} {perm} {m}x{k}x{n}: {str(ex)[-600:]}")
             print(f"[error] {variant} {wkind} {perm} {m}x{k}x{n}: {ex!r}"[:300], flush=True)
 
-    # the whole layer: fused activation quantize + GEMM, as QuantLinear calls it (W4A8: the layout the dispatcher
-    # picks); the default Hadamard precision, and the fast one for two variants
+    # the whole layer: fused activation quantize + GEMM, as QuantLinear calls it (W4A8: the weights in the byte order
+    # QuantLinear keeps, split16 where K % 64 == 0); the default Hadamard precision, and the fast one for two variants
     layers = [("w8a8_int8", w8, "int8", "per_channel", None), ("w8a8_fp8", wf8, "fp8", "per_channel", None),
-              ("w4a8", w4, "int8", "per_channel", None), ("w4a8", w4g, "int8", "group128", None),
-              ("w8a8_int8", w8, "int8", "per_channel", "fast"), ("w4a8", w4, "int8", "per_channel", "fast")]
+              ("w4a8", w4s, "int8", "per_channel", None), ("w4a8", w4gs, "int8", "group128", None),
+              ("w8a8_int8", w8, "int8", "per_channel", "fast"), ("w4a8", w4s, "int8", "per_channel", "fast")]
     for variant, w, af, wkind, prec in layers:
         if af == "fp8" and not tops.fp8_ok(torch.device(DEV)):
             continue
@@ -434,7 +447,9 @@ def time_shape(m, name, k, n):
             yf = fn()
             ef = rel_err(yf, reference.quantized_matmul(a8 if af == "int8" else af8, w, bias, torch.float32))
             extra = {}
-            if w.fmt == "int4":
+            if w.fmt == "int4" and w.pack == "split16":
+                extra["a_layout"] = "split16"
+            elif w.fmt == "int4":
                 extra["a_layout"] = tops._w4_layouts.get(
                     (taq.m_bucket(m), k, n, w.group_size, False, x.dtype), os.environ.get("VIDITQ_W4_LAYOUT", "auto"))
             add(m, k, n, variant, measure(fn), base, ef < 1e-2, layer=name, weight=wkind, mode="act_quant+gemm",

@@ -35,10 +35,35 @@ def _parse():
     p.add_argument("--dry", action="store_true", help="run on the CPU interpreter with tiny shapes")
     p.add_argument("--explore", action="store_true",
                    help="instead of the table: time every quantize / W4A8 candidate at the PixArt shapes (logs)")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="CPU: merge result files of several runs into --out/linear_<gpu>.json (a later file's rows "
+                        "replace an earlier file's rows of the same M x K x N; each row keeps its run's command)")
     return p.parse_args()
 
 
+def merge(paths, out_dir):
+    """One results file from several runs (same GPU): rows by (M, K, N) from the last file that has them."""
+    runs = [json.loads(pathlib.Path(p).read_text()) for p in paths]
+    if len({r["gpu"] for r in runs}) != 1:
+        sys.exit(f"--merge: the files come from different GPUs: {sorted({r['gpu'] for r in runs})}")
+    shapes, rows = {}, []
+    for i, run in enumerate(runs):
+        for r in run["rows"]:
+            shapes[(r["M"], r["K"], r["N"])] = i
+    for i, run in enumerate(runs):
+        rows += [dict(r, command=r.get("command", run["command"])) for r in run["rows"]
+                 if shapes[(r["M"], r["K"], r["N"])] == i]
+    res = dict(runs[-1], rows=rows, command=" ; ".join(dict.fromkeys(r["command"] for r in runs)),
+               merged_from=[r["command"] for r in runs])
+    out = pathlib.Path(out_dir) / f"linear_{runs[-1]['gpu'].lower().replace(' ', '_').replace('-', '_')}.json"
+    out.write_text(json.dumps(res, indent=1))
+    print(f"merged {len(rows)} rows of {len(runs)} runs into {out}")
+
+
 ARGS = _parse()
+if ARGS.merge:
+    merge(ARGS.merge, ARGS.out)
+    sys.exit(0)
 if ARGS.dry:
     os.environ["TRITON_INTERPRET"] = "1"
 

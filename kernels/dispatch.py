@@ -97,8 +97,8 @@ def compile_quant(mode: Optional[str]):
 def _quantize_in_torch(w: QuantizedWeight, had_block: int) -> bool:
     """Under torch.compile: quantize activations with torch code (Inductor fuses it into the producer) or call the
     fused Triton quantize + GEMM op. auto: torch where there is no rotation (a row reduction and a cast: Inductor
-    fuses them well) and the weights are int8 / fp8 (the int4 GEMM reads the codes in its own channel order, which
-    only the Triton quantize writes); rotated layers keep the Triton kernel (a block Hadamard is a matmul Inductor
+    fuses them well) and the weights are int8 / fp8 (the raw-nibble int4 GEMM wants the codes' sums, and for weights
+    in the files' byte order the codes reordered, which the Triton quantize writes); rotated layers keep the Triton kernel (a block Hadamard is a matmul Inductor
     does not fuse)."""
     mode = _compile_quant_override or os.environ.get(COMPILE_QUANT_ENV, "auto").strip().lower()
     if mode not in ("auto", "torch", "kernel"):

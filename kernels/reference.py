@@ -94,6 +94,8 @@ def unpack_int4(p: torch.Tensor, pack: str = "pairs") -> torch.Tensor:
     lo = (p & 0xF).to(torch.int8) - 8
     hi = (p >> 4).to(torch.int8) - 8
     if pack == "split16":  # bytes [.., K/32, 16]: low nibbles columns 0..15 of each 32, high nibbles 16..31
+        if p.shape[-1] % 16:
+            raise ValueError(f"split16 int4 codes need K % 32 == 0, got K = {p.shape[-1] * 2}")
         shape = (*p.shape[:-1], p.shape[-1] // 16, 16)
         return torch.cat([lo.reshape(shape), hi.reshape(shape)], dim=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
     if pack != "pairs":

@@ -894,6 +894,9 @@ def quantize_activation(x, mult=None, had_block=0, fmt="int8", qmax=127, static_
            os.environ.get(_PQ_ENV, "")) + \
         tuple(common.values())
     cands = candidates(k, had_block, int(sum_group), row_sum, m, perm, static)
+    if qsum is not None and not qsum.is_contiguous():  # (a caller's `out`): the whole-row kernel writes contiguous
+        cands = [c for c in cands if c[0] != "pq"] or cands  # sums only
+        key += ("strided_qsum",)
     # the variants of one row shape (code order, code sums, static scale) reuse the configuration timed for the
     # first one tuned (their kernels differ only in the store), instead of compiling and timing every candidate;
     # not across rotation and no rotation ("pq" costs differ there) nor across the "pq" switch

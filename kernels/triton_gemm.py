@@ -518,6 +518,7 @@ _W4_MID_M = [("swap", 64, 128, 128, 8, 4, 4), ("swapt", 64, 128, 128, 8, 4, 4), 
 _W4_LARGE_M = [("swapts2", 128, 128, 128, 8, 3, 4), ("swapt", 256, 128, 128, 8, 3, 8),
                ("swapt2", 128, 128, 128, 8, 3, 4),
                ("swap", 128, 128, 128, 8, 3, 4), ("swapt2", 128, 64, 128, 8, 4, 4),
+               ("swap", 64, 128, 128, 8, 3, 4),  # group-wise weights without TMA (pre-Hopper): two accumulators fit
                # the best non-swapped ones measured before (staging the unpacked weights through shared memory)
                ("tmas", 256, 128, 128, 8, 3, 8), ("tma2", 128, 128, 128, 8, 3, 4)]
 _W4_INTERP = [("swap", 32, 32, 64, 4, 1, 4), ("swapt", 32, 32, 64, 4, 1, 4), ("swapts", 32, 32, 64, 4, 1, 4),
@@ -593,10 +594,12 @@ def candidates(m: int, n: int, k: int, w_int4: bool, group_k: int, tma: bool, tm
         c = (kind, bm, bn, bk, gm, st, nw)
         if c not in out:
             out.append(c)
-    if not out:
+    if not out:  # (no TMA, a restrictive VIDITQ_GEMM_KINDS): a small pointer tile, still one K block per group
         bk = min(64, group_k) if group_k else 64
         if a_perm:
             bk = 32 if k % 64 else 64
+            if group_k:
+                bk = group_k if a_perm == 2 else min(bk, group_k)  # the swapped kernels need BLOCK_K == GROUP_K
         out.append(("swap" if a_perm == 2 else "ptr", 32, 32, bk, 4, 2, 4))
     return out
 

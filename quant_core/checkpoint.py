@@ -3,7 +3,8 @@
 Tensors (the state dict of the quantized model, as `model.state_dict()` gives it once the QuantLinear modules are
 installed; absent optional tensors are simply not stored):
   <layer>.qweight       int8 [N, K] (int8 and 6-bit codes), uint8 [N, K/2] (int4, two per byte, offset-binary:
-                        low nibble = column 2j) or float8_e4m3fn [N, K] (fp8)
+                        low nibble = column 2j, the "pairs" order, whatever order QuantLinear keeps in memory:
+                        QuantLinear.file_qweight) or float8_e4m3fn [N, K] (fp8)
   <layer>.w_scale       float32 [N] per output channel, or [N, K/group_size]
   <layer>.w_zero        float32, same shape as w_scale (asymmetric weights only)
   <layer>.bias          [N] in the model's dtype

@@ -233,7 +233,7 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, w={self.w_fmt}"
                 f"{'/g' + str(self.group_size) if self.group_size else ''}"
-                f"{'/' + self.w_pack if self.w_fmt == 'int4' else ''}, a={self.act_fmt}:{self.a_bits}b, "
+                f"{'/' + getattr(self, 'w_pack', 'pairs') if self.w_fmt == 'int4' else ''}, a={self.act_fmt}:{self.a_bits}b, "
                 f"hadamard={self.had_block}, smoothed={self.meta.get('smoothed')}"
                 f"{', fused=' + self.input_act if self.input_act else ''}"
                 f"{', fused=norm_modulate' if self.norm_eps is not None else ''}"

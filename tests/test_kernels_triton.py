@@ -87,7 +87,7 @@ def _pick(k, had, sg, m, mode, perm=0, static=False):
 
 def _run_aq(x, mult, had, fmt, qmax, static, sg, mode, prec=None, perm=False):
     """Run the kernel in `mode` ('flat', 'flat_pf', 'chunk', 'row', 'pq') into poisoned buffers ('pq': the whole-row
-    transform kernel of triton_prologue_quant, offered for dynamic scales without code sums; else 'chunk')."""
+    transform kernel of triton_prologue_quant, offered for dynamic scales, no parity split; else 'chunk')."""
     k = x.shape[-1]
     m = x.reshape(-1, k).shape[0]
     bufs = _poisoned(m, k, fmt, sg)
@@ -704,3 +704,27 @@ def test_split16_w4a8_falls_back_to_the_reference_when_its_kernels_fail(monkeypa
     rq = reference.quantized_matmul(reference.quantize_activation(xq), w0, None, torch.float64)
     assert rel_err(dispatch.quant_linear(xq, w, None), rq) < 1e-2
     assert "split16" in caplog.text
+
+
+@pytest.mark.parametrize("group", [0, 64, 128])
+def test_gemm_fallback_config_keeps_one_k_block_per_group(group, monkeypatch):
+    """Where no listed config fits (no TMA on the GPU at large M for group-wise weights, or a restrictive
+    VIDITQ_GEMM_KINDS), the fallback tile must still take one K block per weight group for the swapped kernels
+    (BLOCK_K == GROUP_K): a wider block mixes two groups' scales. Run on split16 weights, which only those kernels
+    take."""
+    monkeypatch.setattr(tg, "INTERPRET", False)  # the GPU's config lists
+    for kinds, tma in (("ptr,tma", True), ("ptr,tma,tmas,tma2,tmas2,swap,swapt,swapts,swapt2,swapts2", False)):
+        monkeypatch.setenv("VIDITQ_GEMM_KINDS", kinds)
+        for m in (7, 600, 2048, 8192):
+            cands = tg.candidates(m, 72, 256, True, group, tma, tma, 2)
+            assert cands and all(c[0].startswith("swap") for c in cands)
+            assert all(c[3] == group for c in cands) if group else all(256 % c[3] == 0 for c in cands)
+    monkeypatch.undo()
+    k, n, m = 256, 40, 9
+    w0 = make_w(n, k, "int4", group, seed=3)
+    w = dataclasses.replace(w0, data=reference.repack_int4(w0.data, "pairs", "split16"), pack="split16")
+    r = reference.quantize_activation(make_x(m, k, torch.float32, seed=4), None, 0, "int8", 127, None, group or k)
+    monkeypatch.setenv("VIDITQ_GEMM_KINDS", "ptr,tma")  # nothing listed fits: the fallback config runs
+    y = _run_gemm(r, w, None, torch.float32, "ptr,tma", monkeypatch)
+    assert tg.last_config[0] == "swap" and tg.last_config[3] == (group or 64)
+    assert rel_err(y, reference.quantized_matmul(r, w0, None, torch.float64)) < 1e-5

@@ -273,6 +273,14 @@ def prologue_quant_linear(x, prologue, shift, scale, rows_per_sample, eps, w, bi
     return y
 
 
+def _split16_failed(w, e: Exception) -> None:
+    """A kernel call raised e: re-raise it, except for int4 weights in the split16 byte order, which have only the
+    swapped W4A8 kernels (the caller then takes the torch reference; said once)."""
+    if w.pack != "split16":
+        raise e
+    _note_once(f"W4A8 kernels for split16 weights failed here, using the torch reference: {e!r}"[:300])
+
+
 def quant_linear(x, w, bias, mult=None, had_block=0, act_fmt="int8", act_qmax=127, static_scale=None,
                  sum_group=0):
     """y[M, N] = dequant(quantize(x)) @ dequant(w)^T + bias in x's dtype, or None if no kernel fits."""
@@ -335,10 +343,8 @@ def quant_linear(x, w, bias, mult=None, had_block=0, act_fmt="int8", act_qmax=12
 
     try:
         y, aq_fn, gemm_fn, a = run_with(perm, return_launch=True)
-    except Exception as e:  # split16 int4 weights have only the swapped W4A8 kernels: the reference where they fail
-        if w.pack != "split16":
-            raise
-        _note_once(f"W4A8 kernels for split16 weights failed here, using the torch reference: {e!r}"[:300])
+    except Exception as e:
+        _split16_failed(w, e)
         return None
     if y is not None and x2.is_cuda and not _aq.INTERPRET:
         _check_speed(x2, w, x2.shape[0], k, w.out_features, act_fmt, run)
@@ -387,10 +393,8 @@ def quantized_matmul(a, w, bias, out_dtype, residual=None, gate=None, res_rows=0
         return reference.quantized_matmul(a, w, bias, out_dtype, *res)
     try:
         y = _gemm.quantized_matmul(a, w, bias, out_dtype, residual=residual, gate=gate, res_rows=res_rows)
-    except Exception as e:  # split16 int4 weights have only the swapped W4A8 kernels: the reference where they fail
-        if w.pack != "split16":
-            raise
-        _note_once(f"W4A8 kernels for split16 weights failed here, using the torch reference: {e!r}"[:300])
+    except Exception as e:
+        _split16_failed(w, e)
         return reference.quantized_matmul(a, w, bias, out_dtype, *res)
     if y is None and residual is not None:  # no residual epilogue for this weight format: GEMM, then the add
         y = _gemm.quantized_matmul(a, w, bias, torch.float32)

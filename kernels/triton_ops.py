@@ -89,7 +89,7 @@ def _check_speed(x2, w, m, k, n, act_fmt, run):
         return
     _noted.add(key)
     variant = _variant(act_fmt, w)
-    speed = None
+    speed = speed_graph = None
     source = "measured on this shape"
     if os.environ.get("VIDITQ_CHECK_SPEED", "0") not in ("0", ""):
         import triton
@@ -101,7 +101,7 @@ def _check_speed(x2, w, m, k, n, act_fmt, run):
         del wb
     else:
         table = _measured_table(torch.cuda.get_device_name(x2.device))
-        source = "as bench/results measured it for this GPU, the layer unfused and launched eagerly"
+        source = "as bench/results measured it for this GPU, the layer unfused"
         rows = [(abs(mm - m), sp) for (mm, kk, nn, v), sp in table.items() if kk == k and nn == n and v == variant]
         if rows:
             speed, speed_graph = min(rows, key=lambda r: r[0])[1]
@@ -113,9 +113,10 @@ def _check_speed(x2, w, m, k, n, act_fmt, run):
                             f"launch overhead dominates (the ViDiT-Q CUDA Graphs node removes it)")
                 return
     if speed is not None and speed < 1.0:
+        graph = f" launched eagerly, {speed_graph:.2f}x from a CUDA graph," if speed_graph is not None else ""
         log.warning(f"quantized linear {m}x{k}x{n} ({variant}, incl. activation quantize) runs at {speed:.2f}x "
-                    f"cuBLAS bf16 on this GPU ({source}); the layer holds only quantized weights, so it stays on "
-                    f"the fastest quantized kernel")
+                    f"cuBLAS bf16{graph} on this GPU ({source}); the layer holds only quantized weights, so it "
+                    f"stays on the fastest quantized kernel")
 
 
 # Environment variables that change which kernels a call takes: a layer keeps one plan per their values.

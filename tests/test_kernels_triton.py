@@ -728,3 +728,24 @@ def test_gemm_fallback_config_keeps_one_k_block_per_group(group, monkeypatch):
     y = _run_gemm(r, w, None, torch.float32, "ptr,tma", monkeypatch)
     assert tg.last_config[0] == "swap" and tg.last_config[3] == (group or 64)
     assert rel_err(y, reference.quantized_matmul(r, w0, None, torch.float64)) < 1e-5
+
+
+def test_slow_layer_note_gives_the_eager_and_the_graph_figure(monkeypatch, caplog):
+    """The once-per-shape speed note quotes the benchmark's eager and CUDA-graph figures for the nearest measured
+    M, says nothing where the layer is at least as fast as bf16, and points to CUDA graphs where only those are."""
+    table = {(2048, 192, 40, "w4a8"): (0.09, 0.71), (8192, 192, 40, "w4a8"): (0.4, 1.2),
+             (2048, 192, 48, "w4a8"): (1.3, 1.5)}
+    monkeypatch.setattr(triton_ops, "_measured_table", lambda gpu: table)
+    monkeypatch.setattr(triton_ops, "_noted", set())  # said once per shape per process: start afresh
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake GPU")
+    w = make_w(40, 192, "int4")
+    x2 = torch.zeros(2000, 192)
+    with caplog.at_level("WARNING", logger="vidit_q.kernels"):
+        triton_ops._check_speed(x2, w, 2000, 192, 40, "int8", None)
+        assert "0.09x cuBLAS bf16 launched eagerly, 0.71x from a CUDA graph" in caplog.text
+        caplog.clear()
+        triton_ops._check_speed(torch.zeros(9000, 192), w, 9000, 192, 40, "int8", None)
+        assert "1.20x from a CUDA graph" in caplog.text and "ViDiT-Q CUDA Graphs node" in caplog.text
+        caplog.clear()
+        triton_ops._check_speed(x2, make_w(48, 192, "int4"), 2000, 192, 48, "int8", None)
+        assert caplog.text == ""

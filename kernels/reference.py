@@ -110,11 +110,12 @@ def repack_int4(p: torch.Tensor, src: str, dst: str) -> torch.Tensor:
         return p
     if "split16" in (src, dst) and p.shape[-1] % 16:
         raise ValueError(f"split16 int4 packing needs K % 32 == 0, got K = {p.shape[-1] * 2}")
-    u = (unpack_int4(p, src).to(torch.int16) + 8).to(torch.uint8)  # nibbles, natural column order
+    codes = unpack_int4(p, src)  # natural column order
     if dst == "pairs":
-        return u[..., 0::2] | (u[..., 1::2] << 4)
+        return pack_int4(codes)
     if dst != "split16":
         raise ValueError(f"unknown int4 byte order {dst!r}")
+    u = (codes.to(torch.int16) + 8).to(torch.uint8)
     u = u.reshape(*u.shape[:-1], u.shape[-1] // 32, 2, 16)
     return (u[..., 0, :] | (u[..., 1, :] << 4)).reshape(p.shape).contiguous()
 

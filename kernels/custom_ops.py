@@ -75,28 +75,28 @@ def _in_layout(t: torch.Tensor, storage_shape, perm) -> torch.Tensor:
     return torch.empty(storage_shape, dtype=t.dtype, device=t.device).permute(perm).copy_(t)
 
 
-def _weight(w_data, w_scale, w_zero, w_fmt, in_features, group_size) -> QuantizedWeight:
+def _weight(w_data, w_scale, w_zero, w_gparam, w_fmt, in_features, group_size) -> QuantizedWeight:
     """The QuantizedWeight an op's arguments describe (w_fmt: QuantizedWeight.fmt_tag, the int4 byte order in it)."""
     fmt, pack = split_fmt_tag(w_fmt)
     return QuantizedWeight(data=w_data, scale=w_scale, zero=w_zero, fmt=fmt, in_features=in_features,
-                           group_size=group_size, pack=pack)
+                           group_size=group_size, pack=pack, gparam=w_gparam)
 
 
 # ---- viditq::quant_linear ----------------------------------------------------------------------------------------
 def _quant_linear(x: torch.Tensor, w_data: torch.Tensor, w_scale: torch.Tensor, w_zero: Optional[torch.Tensor],
-                  bias: Optional[torch.Tensor], mult: Optional[torch.Tensor], static_scale: Optional[torch.Tensor],
+                  w_gparam: Optional[torch.Tensor], bias: Optional[torch.Tensor], mult: Optional[torch.Tensor], static_scale: Optional[torch.Tensor],
                   w_fmt: str, in_features: int, group_size: int, had_block: int, act_fmt: str, act_qmax: int,
                   backend: str) -> torch.Tensor:
-    """y[..., N] = quantize(x) @ W^T + bias in x's dtype; W = (w_data, w_scale, w_zero, w_fmt, in_features,
-    group_size) as in kernels.types.QuantizedWeight (N = w_data.shape[0])."""
+    """y[..., N] = quantize(x) @ W^T + bias in x's dtype; W = (w_data, w_scale, w_zero, w_gparam, w_fmt,
+    in_features, group_size) as in kernels.types.QuantizedWeight (N = w_data.shape[0])."""
     from . import dispatch
 
-    w = _weight(w_data, w_scale, w_zero, w_fmt, in_features, group_size)
+    w = _weight(w_data, w_scale, w_zero, w_gparam, w_fmt, in_features, group_size)
     y = dispatch.quant_linear_impl(x, w, bias, mult, had_block, act_fmt, act_qmax, static_scale, backend)
     return _in_layout(y, y.shape, range(y.dim()))  # contiguous: what both paths give
 
 
-def _quant_linear_fake(x, w_data, w_scale, w_zero, bias, mult, static_scale, w_fmt, in_features, group_size,
+def _quant_linear_fake(x, w_data, w_scale, w_zero, w_gparam, bias, mult, static_scale, w_fmt, in_features, group_size,
                        had_block, act_fmt, act_qmax, backend):
     torch._check(x.shape[-1] == in_features,
                  lambda: f"quant_linear: input has {x.shape[-1]} features, the layer {in_features}")
@@ -138,20 +138,21 @@ def _frame_attention_fake(q, k, v, backend):
 
 # ---- viditq::quantized_matmul (the GEMM alone, for activations quantized by compiled torch code) -----------------
 def _quantized_matmul(q: torch.Tensor, scale: torch.Tensor, qsum: Optional[torch.Tensor], w_data: torch.Tensor,
-                      w_scale: torch.Tensor, w_zero: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                      w_fmt: str, in_features: int, group_size: int, out_dtype: torch.dtype, backend: str,
+                      w_scale: torch.Tensor, w_zero: Optional[torch.Tensor], w_gparam: Optional[torch.Tensor],
+                      bias: Optional[torch.Tensor], w_fmt: str, in_features: int, group_size: int,
+                      out_dtype: torch.dtype, backend: str,
                       residual: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None,
                       res_rows: int = 0) -> torch.Tensor:
     """[M, N] = dequant(q, scale) @ dequant(W)^T + bias in out_dtype (W as in quant_linear); with residual [M, N]:
     residual + gate_b * that (gate [B', N], b = row // res_rows), the block's gated residual add."""
     from . import dispatch
 
-    w = _weight(w_data, w_scale, w_zero, w_fmt, in_features, group_size)
+    w = _weight(w_data, w_scale, w_zero, w_gparam, w_fmt, in_features, group_size)
     return dispatch.quantized_matmul_impl(QuantizedActivation(q=q, scale=scale, qsum=qsum), w, bias, out_dtype,
                                           backend, residual, gate, res_rows).contiguous()
 
 
-def _quantized_matmul_fake(q, scale, qsum, w_data, w_scale, w_zero, bias, w_fmt, in_features, group_size, out_dtype,
+def _quantized_matmul_fake(q, scale, qsum, w_data, w_scale, w_zero, w_gparam, bias, w_fmt, in_features, group_size, out_dtype,
                            backend, residual=None, gate=None, res_rows=0):
     return q.new_empty((q.shape[0], w_data.shape[0]), dtype=out_dtype)
 
@@ -159,22 +160,22 @@ def _quantized_matmul_fake(q, scale, qsum, w_data, w_scale, w_zero, bias, w_fmt,
 # ---- viditq::prologue_quant_linear (a fused layer: producer + quantize, GEMM + epilogue) ----------------------------
 def _prologue_quant_linear(x: torch.Tensor, prologue: str, shift: Optional[torch.Tensor],
                            scale: Optional[torch.Tensor], rows_per_sample: int, eps: float, w_data: torch.Tensor,
-                           w_scale: torch.Tensor, w_zero: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                           mult: Optional[torch.Tensor], w_fmt: str, in_features: int, group_size: int, act_fmt: str,
+                           w_scale: torch.Tensor, w_zero: Optional[torch.Tensor], w_gparam: Optional[torch.Tensor],
+                           bias: Optional[torch.Tensor], mult: Optional[torch.Tensor], w_fmt: str, in_features: int, group_size: int, act_fmt: str,
                            act_qmax: int, backend: str, residual: Optional[torch.Tensor], gate: Optional[torch.Tensor],
                            res_rows: int, had_block: int) -> torch.Tensor:
     """[M, N] = quantize(H(prologue(x) * mult)) @ W^T + bias (+ the gated residual add), dispatch.prologue_quant_linear
     as one op: one dispatch per layer, and eager's launch plan serves compiled calls too."""
     from . import dispatch
 
-    w = _weight(w_data, w_scale, w_zero, w_fmt, in_features, group_size)
+    w = _weight(w_data, w_scale, w_zero, w_gparam, w_fmt, in_features, group_size)
     return dispatch.prologue_quant_linear_impl(x, prologue, shift, scale, rows_per_sample, eps, w, bias, mult, act_fmt,
                                                act_qmax, backend, residual, gate, res_rows, had_block).contiguous()
 
 
-def _prologue_quant_linear_fake(x, prologue, shift, scale, rows_per_sample, eps, w_data, w_scale, w_zero, bias, mult,
-                                w_fmt, in_features, group_size, act_fmt, act_qmax, backend, residual, gate, res_rows,
-                                had_block):
+def _prologue_quant_linear_fake(x, prologue, shift, scale, rows_per_sample, eps, w_data, w_scale, w_zero, w_gparam,
+                                bias, mult, w_fmt, in_features, group_size, act_fmt, act_qmax, backend, residual, gate,
+                                res_rows, had_block):
     torch._check(x.shape[-1] == in_features,
                  lambda: f"prologue_quant_linear: input has {x.shape[-1]} features, the layer {in_features}")
     return x.new_empty((x.numel() // x.shape[-1], w_data.shape[0]))

@@ -67,10 +67,10 @@ def quant_linear(
             # modulate, GELU): x never goes to memory in bf16, only as codes + scales; then the GEMM op
             sum_group = (w.group_size or w.in_features) if w.zero is not None else 0
             a = reference.quantize_activation(x, mult, had_block, act_fmt, act_qmax, static_scale, sum_group)
-            y = custom_ops.quantized_matmul(a.q, a.scale, a.qsum, w.data, w.scale, w.zero, bias, w.fmt_tag,
-                                            w.in_features, w.group_size, x.dtype, backend or "auto")
+            y = custom_ops.quantized_matmul(a.q, a.scale, a.qsum, w.data, w.scale, w.zero, w.gparam, bias,
+                                            w.fmt_tag, w.in_features, w.group_size, x.dtype, backend or "auto")
             return y.reshape(*x.shape[:-1], w.out_features)
-        return custom_ops.quant_linear(x, w.data, w.scale, w.zero, bias, mult, static_scale, w.fmt_tag,
+        return custom_ops.quant_linear(x, w.data, w.scale, w.zero, w.gparam, bias, mult, static_scale, w.fmt_tag,
                                        w.in_features, w.group_size, had_block, act_fmt, act_qmax, backend or "auto")
     return quant_linear_impl(x, w, bias, mult, had_block, act_fmt, act_qmax, static_scale, backend)
 
@@ -180,7 +180,8 @@ def prologue_quant_linear(x: torch.Tensor, prologue: str, shift: Optional[torch.
             gate2 = gate2 if gate2.stride(-1) == 1 else gate2.contiguous()
     if torch.compiler.is_compiling():
         y = custom_ops.prologue_quant_linear(x, prologue, shift, scale, int(rows_per_sample), float(eps), w.data,
-                                             w.scale, w.zero, bias, mult, w.fmt_tag, w.in_features, w.group_size,
+                                             w.scale, w.zero, w.gparam, bias, mult, w.fmt_tag, w.in_features,
+                                             w.group_size,
                                              act_fmt, act_qmax, backend or "auto", res2, gate2, int(res_rows),
                                              int(had_block))
     else:

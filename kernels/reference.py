@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .types import FP8_E4M3_MAX, SCALE_EPS, QuantizedActivation, QuantizedWeight
+from .types import FP8_E4M3_MAX, SCALE_EPS, QuantizedActivation, QuantizedWeight, split_gparam
 
 
 @functools.lru_cache(maxsize=16)
@@ -133,8 +133,17 @@ def _expand_groups(t: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     return t.float()[:, None]
 
 
+def gparam_int8(w: QuantizedWeight) -> torch.Tensor:
+    """Two-level int4 (w.gparam): the int8 values s2 * (q - z) [N, K] the W4A8 GEMM multiplies, as float32."""
+    s2, z = split_gparam(w.gparam)
+    g = w.group_size
+    return (weight_codes(w) + 8 - z.float().repeat_interleave(g, dim=1)) * s2.float().repeat_interleave(g, dim=1)
+
+
 def dequantize_weight(w: QuantizedWeight) -> torch.Tensor:
     """float32 [N, K] weight that the stored codes represent."""
+    if w.gparam is not None:
+        return gparam_int8(w) * w.scale.float()[:, None]
     codes = weight_codes(w)
     if w.zero is not None:
         codes = codes - _expand_groups(w.zero, w)

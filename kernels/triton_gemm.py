@@ -82,6 +82,46 @@ def _int4_halves_u(w, ASM: tl.constexpr = False):
 
 
 @triton.jit
+def _g2_rows(GP, bn, stride_gp, g):
+    """Two-level int4 (types.QuantizedWeight.gparam): group g's integer scale s2 and s2 * zero of weight rows bn,
+    int32 [BLOCK_N] each."""
+    p = tl.load(GP + bn * stride_gp + g).to(tl.int32)
+    s2 = (p >> 4) + 1
+    return s2, (p & 15) * s2
+
+
+@triton.jit
+def _int4_halves_g2(w, s2, zs, ASM: tl.constexpr = False):
+    """Packed bytes [BLOCK_N, BLOCK_K/2] of two-level int4 weights -> the int8 values s2 * (q - z) of the low and
+    high nibbles (exact: the quantizer keeps them in [-128, 127]), given each row's s2 and s2 * z ([BLOCK_N] int32).
+    ASM (GPU only): four bytes per 32-bit register, per 4 weights one mask, one multiply-add and one xor: the nibbles
+    (<= 15) times s2 (<= 16) stay below 256, so one 32-bit multiply-add by s2 and by (128 - s2 * z) * 0x01010101 is
+    four byte-wise ones without carries (the result, w + 128, is in 0..255), and the xor with 0x80 makes each byte the
+    signed w. It relies on the four bytes of a register sharing a row (Triton packs a thread's consecutive elements,
+    which run along K here); bench/gpu_check.py checks the kernel against the reference on the GPU."""
+    if ASM:
+        s2b = tl.broadcast_to(s2[:, None], w.shape)
+        db = tl.broadcast_to(((128 - zs).to(tl.uint32) * 0x01010101).to(tl.int32, bitcast=True)[:, None], w.shape)
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b32 t, u; and.b32 t, $2, 0x0F0F0F0F; mad.lo.u32 t, t, $3, $7; xor.b32 $0, t, 0x80808080; "
+            "shr.u32 u, $2, 4; and.b32 u, u, 0x0F0F0F0F; mad.lo.u32 u, u, $3, $7; xor.b32 $1, u, 0x80808080; }",
+            "=r,=r,r,r,r,r,r,r,r,r,r", [w, s2b, db], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+        return lo, hi
+    lo = ((w & 15).to(tl.int32) * s2[:, None] - zs[:, None]).to(tl.int8)
+    hi = ((w >> 4).to(tl.int32) * s2[:, None] - zs[:, None]).to(tl.int8)
+    return lo, hi
+
+
+@triton.jit
+def _join32(lo, hi, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Low / high nibble values [BLOCK_N, BLOCK_K/2] -> one [BLOCK_N, BLOCK_K] operand, per 32 channels the 16
+    low-nibble ones then the 16 high-nibble ones (see _w4_operand32)."""
+    lo = tl.reshape(lo, [BLOCK_N, BLOCK_K // 32, 16])
+    hi = tl.reshape(hi, [BLOCK_N, BLOCK_K // 32, 16])
+    return tl.reshape(tl.permute(tl.join(lo, hi), [0, 1, 3, 2]), [BLOCK_N, BLOCK_K])
+
+
+@triton.jit
 def _w4_operand32(w, U4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr = False):
     """Packed bytes [BLOCK_N, BLOCK_K/2] -> one [BLOCK_N, BLOCK_K] int8 operand whose channel order within each
     32-channel block is: the 16 even channels, then the 16 odd ones ("perm32", the order the quantize kernel writes
@@ -91,9 +131,7 @@ def _w4_operand32(w, U4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.conste
         lo, hi = _int4_halves_u(w, ASM)
     else:
         lo, hi = _int4_halves(w)
-    lo = tl.reshape(lo, [BLOCK_N, BLOCK_K // 32, 16])
-    hi = tl.reshape(hi, [BLOCK_N, BLOCK_K // 32, 16])
-    return tl.reshape(tl.permute(tl.join(lo, hi), [0, 1, 3, 2]), [BLOCK_N, BLOCK_K])
+    return _join32(lo, hi, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -372,13 +410,16 @@ def _store_t(C, out, pid_m, pid_n, offs_m, offs_n, M, N, stride_cm, RES, GATE, s
 
 @triton.jit
 def _w4_swap_kernel(A, B, C, AS, WS, WZ, QS, BIAS, M, N, K, stride_am, stride_bn, stride_cm, stride_ws, stride_qs,
-                    RES, GATE, stride_rm, stride_gb, res_rows,
+                    RES, GATE, stride_rm, stride_gb, res_rows, GP, stride_gp,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                     GROUP_K: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, MAGIC: tl.constexpr,
                     U4: tl.constexpr = False, MERGE: tl.constexpr = False, ASM: tl.constexpr = False,
-                    HAS_RES: tl.constexpr = False, HAS_GATE: tl.constexpr = False, GATE_1D: tl.constexpr = False):
+                    HAS_RES: tl.constexpr = False, HAS_GATE: tl.constexpr = False, GATE_1D: tl.constexpr = False,
+                    G2: tl.constexpr = 0):
     """Pointer-load variant, one program per output tile; A parity-split (MERGE: perm32, one dot per K step),
-    K % BLOCK_K == 0, BLOCK_K == GROUP_K when group-wise."""
+    K % BLOCK_K == 0, BLOCK_K == GROUP_K when group-wise. G2 > 0: two-level int4 weights in groups of G2 columns
+    (GP their gparam [N, K / G2]; GROUP_K 0, WS per channel, G2 % BLOCK_K == 0): the nibbles become int8 values in
+    registers and one int32 sum covers all of K."""
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     KH: tl.constexpr = BLOCK_K // 2
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -395,8 +436,14 @@ def _w4_swap_kernel(A, B, C, AS, WS, WZ, QS, BIAS, M, N, K, stride_am, stride_bn
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
     acc_f = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for kt in range(0, K // BLOCK_K):
+        if G2:
+            s2, zs = _g2_rows(GP, bn, stride_gp, (kt * BLOCK_K) // G2)
         if MERGE:
-            wa = _w4_operand32(tl.load(b_ptrs), U4, BLOCK_N, BLOCK_K, ASM)
+            if G2:
+                lo, hi = _int4_halves_g2(tl.load(b_ptrs), s2, zs, ASM)
+                wa = _join32(lo, hi, BLOCK_N, BLOCK_K)
+            else:
+                wa = _w4_operand32(tl.load(b_ptrs), U4, BLOCK_N, BLOCK_K, ASM)
             if GROUP_K == 0:
                 acc = tl.dot(wa, tl.trans(tl.load(a_ptrs)), acc, out_dtype=tl.int32)
             else:
@@ -405,7 +452,9 @@ def _w4_swap_kernel(A, B, C, AS, WS, WZ, QS, BIAS, M, N, K, stride_am, stride_bn
                                       HAS_ZERO, MAGIC, U4)
             a_ptrs += BLOCK_K
         else:
-            if U4:
+            if G2:
+                lo, hi = _int4_halves_g2(tl.load(b_ptrs), s2, zs, ASM)
+            elif U4:
                 lo, hi = _int4_halves_u(tl.load(b_ptrs), ASM)
             else:
                 lo, hi = _int4_halves(tl.load(b_ptrs))
@@ -431,13 +480,13 @@ def _w4_swap_kernel(A, B, C, AS, WS, WZ, QS, BIAS, M, N, K, stride_am, stride_bn
 
 @triton.jit
 def _w4_swap_tma_kernel(a_desc, b_desc, C, AS, WS, WZ, QS, BIAS, M, N, K, stride_cm, stride_ws, stride_qs, NUM_PROGS,
-                        RES, GATE, stride_rm, stride_gb, res_rows,
+                        RES, GATE, stride_rm, stride_gb, res_rows, GP, stride_gp,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                         GROUP_K: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, MAGIC: tl.constexpr,
                         EPI_TMA: tl.constexpr, U4: tl.constexpr = False, MERGE: tl.constexpr = False,
                         ASM: tl.constexpr = False, HAS_RES: tl.constexpr = False, HAS_GATE: tl.constexpr = False,
-                        GATE_1D: tl.constexpr = False):
-    """Persistent TMA variant: the (tile, k) loops flattened as in `_qgemm_tma_kernel`."""
+                        GATE_1D: tl.constexpr = False, G2: tl.constexpr = 0):
+    """Persistent TMA variant: the (tile, k) loops flattened as in `_qgemm_tma_kernel`; G2 as in _w4_swap_kernel."""
     start = tl.program_id(0)
     KH: tl.constexpr = BLOCK_K // 2
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
@@ -454,15 +503,23 @@ def _w4_swap_tma_kernel(a_desc, b_desc, C, AS, WS, WZ, QS, BIAS, M, N, K, stride
         if ki == 0:
             tile += NUM_PROGS
             pid_m, pid_n = _tile_ids(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        if G2:
+            s2, zs = _g2_rows(GP, (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N, stride_gp, (ki * BLOCK_K) // G2)
         if MERGE:  # perm32 activations: one [BLOCK_M, BLOCK_K] tile, one dot per K step
-            wa = _w4_operand32(b_desc.load([pid_n * BLOCK_N, ki * KH]), U4, BLOCK_N, BLOCK_K, ASM)
+            if G2:
+                lo, hi = _int4_halves_g2(b_desc.load([pid_n * BLOCK_N, ki * KH]), s2, zs, ASM)
+                wa = _join32(lo, hi, BLOCK_N, BLOCK_K)
+            else:
+                wa = _w4_operand32(b_desc.load([pid_n * BLOCK_N, ki * KH]), U4, BLOCK_N, BLOCK_K, ASM)
             a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
             if GROUP_K == 0:
                 acc = tl.dot(wa, tl.trans(a), acc, out_dtype=tl.int32)
             else:
                 part = tl.dot(wa, tl.trans(a), out_dtype=tl.int32)
         else:  # parity-split activations: two dots per K step
-            if U4:
+            if G2:
+                lo, hi = _int4_halves_g2(b_desc.load([pid_n * BLOCK_N, ki * KH]), s2, zs, ASM)
+            elif U4:
                 lo, hi = _int4_halves_u(b_desc.load([pid_n * BLOCK_N, ki * KH]), ASM)
             else:
                 lo, hi = _int4_halves(b_desc.load([pid_n * BLOCK_N, ki * KH]))
@@ -549,7 +606,9 @@ def tma_ok(device: torch.device) -> bool:
 
 
 def candidates(m: int, n: int, k: int, w_int4: bool, group_k: int, tma: bool, tma_store: bool = False,
-               a_perm: bool = False):
+               a_perm: bool = False, g2: int = 0):
+    """GEMM configurations to time for this call; g2 (two-level int4 groups): the swapped kernels only, their K
+    block within one group."""
     w4 = w_int4 and bool(a_perm)
     a_perm = int(a_perm)
     if INTERPRET:
@@ -570,11 +629,15 @@ def candidates(m: int, n: int, k: int, w_int4: bool, group_k: int, tma: bool, tm
             continue
         if a_perm == 2 and not kind.startswith("swap"):
             continue  # the other kernels read parity-split codes only
+        if g2 and not kind.startswith("swap"):
+            continue  # two-level int4 runs on the swapped kernels only
         if kind.startswith("swap"):
             if not w4:
                 continue
             if group_k:
                 bk = group_k  # one K block per group
+            elif g2 and (bk > g2 or g2 % bk):
+                bk = g2  # a K block reads one group's scales
             c = (kind, bm, bn, bk, gm, st, nw)
             if k % bk or (a_perm == 2 and bk % 32) or (group_k and bm * bn > 64 * 32 * nw) or c in out:
                 continue
@@ -600,7 +663,9 @@ def candidates(m: int, n: int, k: int, w_int4: bool, group_k: int, tma: bool, tm
             bk = 32 if k % 64 else 64
             if group_k:
                 bk = group_k if a_perm == 2 else min(bk, group_k)  # the swapped kernels need BLOCK_K == GROUP_K
-        out.append(("swap" if a_perm == 2 else "ptr", 32, 32, bk, 4, 2, 4))
+            elif g2:
+                bk = min(bk, g2)
+        out.append(("swap" if a_perm == 2 or g2 else "ptr", 32, 32, bk, 4, 2, 4))
     return out
 
 
@@ -625,8 +690,20 @@ def tensor_cache(t: torch.Tensor, attr: str) -> dict:
     return per
 
 
+def kernel_zero(w) -> torch.Tensor:
+    """The launchers' `wz` argument for weight w: its zero points, its two-level group parameters (gparam), or the
+    scale as a stand-in that is never read."""
+    if w.zero is not None:
+        return w.zero
+    return w.gparam if w.gparam is not None else w.scale
+
+
 def supported(a_fmt: str, w) -> bool:
     """Does a kernel exist for activations in `a_fmt` times this QuantizedWeight?"""
+    if w.gparam is not None:  # two-level int4: the swapped kernels (int4 codes with K % 64 == 0, groups >= 32)
+        g = w.group_size
+        return (a_fmt == "int8" and w.fmt == "int4" and w.zero is None and g >= 32 and not g & (g - 1)
+                and w.in_features % g == 0 and w.in_features % 64 == 0)
     if w.fmt == "fp8":
         return a_fmt == "fp8" and not w.group_size and w.zero is None
     if w.fmt in ("int8", "int4"):
@@ -664,10 +741,11 @@ def _residual_args(c, res, gate, res_rows):
 
 
 @functools.lru_cache(maxsize=512)
-def launcher(cfg, n, k, group_k, has_zero, has_bias, magic, u4, perm_mode, device_str, flag_items):
+def launcher(cfg, n, k, group_k, has_zero, has_bias, magic, u4, perm_mode, device_str, flag_items, g2=0):
     """The launch of GEMM candidate `cfg` with everything that is not a tensor bound once:
-    fn(q, a_scale, a_qsum, wd, ws, wz, bias_or_scale, c, m) -> compiled kernel. It holds no tensor (so a plan that
-    keeps it never keeps a weight alive); the weight's tensor descriptor is built per call (a few microseconds)."""
+    fn(q, a_scale, a_qsum, wd, ws, wz, bias_or_scale, c, m) -> compiled kernel (wz: kernel_zero(w)). It holds no
+    tensor (so a plan that keeps it never keeps a weight alive); the weight's tensor descriptor is built per call (a
+    few microseconds). g2: the group size of two-level int4 weights (swapped kernels only; wz is then the gparam)."""
     kind, bm, bn, bk, gm, st, nw = cfg
     flags = dict(flag_items)
     use_qsum = has_zero or u4  # the epilogue reads the per-token code sums (else a.scale stands in, unread)
@@ -676,14 +754,14 @@ def launcher(cfg, n, k, group_k, has_zero, has_bias, magic, u4, perm_mode, devic
     if kind.startswith("swap"):
         kw = dict(GROUP_K=group_k, HAS_ZERO=has_zero, HAS_BIAS=has_bias, MAGIC=magic, U4=bool(u4), ASM=u4 == 2,
                   MERGE=perm_mode == 2, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_stages=st, num_warps=nw,
-                  HAS_RES=flags["HAS_RES"], HAS_GATE=flags["HAS_GATE"])
+                  HAS_RES=flags["HAS_RES"], HAS_GATE=flags["HAS_GATE"], G2=g2)
         if kind == "swap":
             def fn(q, a_scale, a_qsum, wd, ws, wz, bias_t, c, m, res=None, gate=None, res_rows=1):
                 qs, stride_qs = (a_qsum, a_qsum.stride(0)) if use_qsum else (a_scale, 0)
                 grid = (_cdiv(m, bm) * _cdiv(n, bn),)
                 return _w4_swap_kernel[grid](q, wd, c, a_scale, ws, wz, qs, bias_t, m, n, k, q.stride(0),
                                              wd.stride(0), c.stride(0), ws.stride(0) if group_k else 0, stride_qs,
-                                             *_residual_args(c, res, gate, res_rows),
+                                             *_residual_args(c, res, gate, res_rows), wz, wz.stride(0) if g2 else 0,
                                              GATE_1D=_gate_1d(gate, res_rows, bm), **kw)
             return fn
         a_kb = bk if perm_mode == 2 else bk // 2
@@ -698,7 +776,8 @@ def launcher(cfg, n, k, group_k, has_zero, has_bias, magic, u4, perm_mode, devic
             progs = min(nsm * per_sm, _cdiv(m, bm) * _cdiv(n, bn))
             return _w4_swap_tma_kernel[(progs,)](a_desc, b_desc, c_arg, a_scale, ws, wz, qs, bias_t, m, n, k,
                                                  c.stride(0), ws.stride(0) if group_k else 0, stride_qs, progs,
-                                                 *_residual_args(c, res, gate, res_rows), EPI_TMA=epi_tma,
+                                                 *_residual_args(c, res, gate, res_rows), wz,
+                                                 wz.stride(0) if g2 else 0, EPI_TMA=epi_tma,
                                                  GATE_1D=_gate_1d(gate, res_rows, bm), **kw)
         return fn
     if kind == "ptr":
@@ -765,12 +844,16 @@ def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False, return_launc
     n = w.out_features
     if k != w.in_features:
         raise ValueError(f"activation has {k} channels, weight expects {w.in_features}")
-    group_k = int(w.group_size or 0)
+    g2 = int(w.group_size) if w.gparam is not None else 0  # two-level int4: accumulated like per-channel weights
+    if g2 and not perm_mode:
+        return None  # (the swapped kernels only: int4 codes in the split16 order, or perm'd activation codes)
+    group_k = 0 if g2 else int(w.group_size or 0)
     has_zero = w.zero is not None
     if has_zero and a.qsum is None:
         return None
     n_groups = k // group_k if group_k else 1
-    u4 = int(w.fmt == "int4" and perm_mode > 0 and a.qsum is not None and tuple(a.qsum.shape) == (m, n_groups))
+    u4 = int(w.fmt == "int4" and perm_mode > 0 and a.qsum is not None and tuple(a.qsum.shape) == (m, n_groups)
+             and not g2)
     if u4 and w4_asm_ok(q.device):
         u4 = 2  # the nibbles unpacked four bytes per register by inline PTX
     if perm_mode and (w.fmt != "int4" or k % (32 if perm_mode == 1 else 64)):
@@ -785,7 +868,7 @@ def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False, return_launc
     # res_rows]))
     wd = w.data if w.data.is_contiguous() else w.data.contiguous()
     ws = w.scale.float().contiguous()
-    wz = w.zero.float().contiguous() if has_zero else ws
+    wz = w.zero.float().contiguous() if has_zero else (w.gparam.contiguous() if g2 else ws)
     bias_t = bias.contiguous() if bias is not None else a.scale
     w_int4 = w.fmt == "int4"
     is_fp8 = a_fmt == "fp8"
@@ -800,7 +883,7 @@ def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False, return_launc
     tma = tma_ok(dev) and q.data_ptr() % 16 == 0 and wd.data_ptr() % 16 == 0 and k % 16 == 0 and \
         (wd.shape[1] * wd.element_size()) % 16 == 0
     tma_store = tma and c.data_ptr() % 16 == 0 and (c.stride(0) * c.element_size()) % 16 == 0 and c.stride(1) == 1
-    setup = (n, k, group_k, has_zero, bias is not None, magic, u4, perm_mode, str(dev), tuple(flags.items()))
+    setup = (n, k, group_k, has_zero, bias is not None, magic, u4, perm_mode, str(dev), tuple(flags.items()), g2)
 
     def launch(cfg):
         if residual is not None:
@@ -808,8 +891,8 @@ def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False, return_launc
         return launcher(cfg, *setup)(q, a.scale, a.qsum, wd, ws, wz, bias_t, c, m)
 
     key = (m_bucket(m), n, k, str(dev), out_dtype, bias_t.dtype, tma, tma_store, os.environ.get(_KINDS_ENV, ""),
-           u4, perm_mode) + tuple(flags.values())
-    cfg = tuner.pick(key, candidates(m, n, k, w_int4, group_k, tma, tma_store, perm_mode), launch)
+           u4, perm_mode, g2) + tuple(flags.values())
+    cfg = tuner.pick(key, candidates(m, n, k, w_int4, group_k, tma, tma_store, perm_mode, g2), launch)
     last_config = cfg
     last_kernel = launch(cfg)
     return (c, launcher(cfg, *setup)) if return_launch else c

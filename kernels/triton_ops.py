@@ -149,8 +149,7 @@ class LinearPlan:
         self.aq(x2, scale if mult is None else mult, q, scale, scale if qsum is None else qsum, sscale, m,
                 0 if qsum is None else qsum.stride(0))
         c = torch.empty((m, self.n), device=dev, dtype=x2.dtype)
-        self.gemm(q, scale, qsum, w.data, w.scale, w.scale if w.zero is None else w.zero,
-                  scale if bias is None else bias, c, m)
+        self.gemm(q, scale, qsum, w.data, w.scale, _gemm.kernel_zero(w), scale if bias is None else bias, c, m)
         return c
 
 
@@ -202,11 +201,12 @@ class FusedPlan:
             self.quant(x2, s, s, s if mult is None else mult, q, s, m, max(m, 1), 0, 0, qs)
         bias_t = s if bias is None else bias
         c = torch.empty((m, self.n), device=dev, dtype=x2.dtype)
+        wz = _gemm.kernel_zero(w)
         if residual is None:
-            self.gemm(q, s, qs, w.data, w.scale, w.scale, bias_t, c, m)
+            self.gemm(q, s, qs, w.data, w.scale, wz, bias_t, c, m)
         else:
             _gemm.check_residual(residual, gate, res_rows, m, self.n)
-            self.gemm(q, s, qs, w.data, w.scale, w.scale, bias_t, c, m, residual, gate, res_rows)
+            self.gemm(q, s, qs, w.data, w.scale, wz, bias_t, c, m, residual, gate, res_rows)
         return c
 
 
@@ -238,10 +238,11 @@ def prologue_quant_linear(x, prologue, shift, scale, rows_per_sample, eps, w, bi
     # subtracts 8 x the sum) written with the codes by the same one-pass kernel; the codes in natural order for
     # weights kept in the "split16" byte order (QuantLinear's default), in the swapped W4A8 kernels' "perm32" order
     # for "pairs" ones (VIDITQ_W4_PERM=0 / VIDITQ_W4_LAYOUT=parity there: natural order, unswapped kernels);
-    # VIDITQ_W4_U4=0: no sums (the GEMM unpacks signed nibbles)
+    # VIDITQ_W4_U4=0: no sums (the GEMM unpacks signed nibbles); two-level int4 weights (gparam) take plain codes,
+    # no sums (their GEMM makes signed int8 values of the nibbles)
     group = int(w.group_size or 0)
     w4 = 0  # the prologue kernel's W4A8 mode: 1 natural codes + sums, 2 perm32 codes + sums
-    if (w.fmt == "int4" and w.zero is None and act_fmt == "int8" and k % 64 == 0
+    if (w.fmt == "int4" and w.zero is None and w.gparam is None and act_fmt == "int8" and k % 64 == 0
             and (not group or _pq.group_sums_supported(k, group)) and os.environ.get("VIDITQ_W4_U4", "1") != "0"):
         if w.pack == "split16":
             w4 = 1
@@ -316,7 +317,7 @@ def quant_linear(x, w, bias, mult=None, had_block=0, act_fmt="int8", act_qmax=12
     # (weights kept in the "split16" byte order take natural-order codes: only the sums)
     perm = False
     sg = sum_group
-    u4 = not sg and os.environ.get("VIDITQ_W4_U4", "1") != "0"
+    u4 = not sg and w.gparam is None and os.environ.get("VIDITQ_W4_U4", "1") != "0"
     if w.fmt == "int4" and w.pack == "split16":
         if u4:
             sg = w.group_size or k

@@ -35,6 +35,13 @@ class QuantizedWeight:
                           the W4A8 GEMM's register unpack yields columns in natural order (kernels/triton_gemm.py)
       "fp8":  data float8_e4m3fn [N, K]
     group_size 0 means one scale per output channel (scale/zero shape [N]); otherwise [N, K // group_size].
+
+    gparam (int4 only, "two-level" group scales as in QServe's progressive group quantization): uint8
+    [N, K // group_size], high nibble = group scale s2 - 1 (s2 in 1..16), low nibble = group zero z (0..15); scale is
+    then per output channel [N] and zero None: W[n, k] = scale[n] * s2[n, g] * (q[n, k] - z[n, g]), where q is the
+    stored nibble (0..15, i.e. code + 8) and every s2 * (q - z) lies in [-128, 127]. The W4A8 GEMM then turns each
+    nibble into that int8 value in registers and accumulates all of K in one int32 sum, as for per-channel weights
+    (float group scales make it rescale a partial sum after every group).
     """
 
     data: torch.Tensor
@@ -44,6 +51,7 @@ class QuantizedWeight:
     in_features: int
     group_size: int = 0
     pack: str = "pairs"
+    gparam: Optional[torch.Tensor] = None
 
     @property
     def out_features(self) -> int:
@@ -56,6 +64,22 @@ class QuantizedWeight:
 
 
 INT4_PACKS = ("pairs", "split16")
+# two-level int4: the first level's int8 range; 119 (not 127) leaves room for the second level's rounding, so that
+# s2 * (q - z) stays within int8 for almost every weight (the quantizer clamps the rest)
+GPARAM_QMAX = 119
+
+
+def split_gparam(gparam: torch.Tensor):
+    """(s2, z) int32 tensors of a QuantizedWeight.gparam."""
+    p = gparam.to(torch.int32)
+    return (p >> 4) + 1, p & 15
+
+
+def make_gparam(s2: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """uint8 gparam from group scales s2 (1..16) and zeros z (0..15)."""
+    if bool(((s2 < 1) | (s2 > 16) | (z < 0) | (z > 15)).any()):
+        raise ValueError("two-level int4 group scales must lie in 1..16 and zeros in 0..15")
+    return (((s2.to(torch.int32) - 1) << 4) | z.to(torch.int32)).to(torch.uint8)
 
 
 def split_fmt_tag(tag: str):

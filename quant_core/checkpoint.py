@@ -7,14 +7,17 @@ installed; absent optional tensors are simply not stored):
                         QuantLinear.file_qweight) or float8_e4m3fn [N, K] (fp8)
   <layer>.w_scale       float32 [N] per output channel, or [N, K/group_size]
   <layer>.w_zero        float32, same shape as w_scale (asymmetric weights only)
+  <layer>.w_gparam      uint8 [N, K/group_size] (two-level int4 only, format 2: high nibble = integer group scale
+                        - 1, low nibble = group zero; w_scale is then per output channel [N]; kernels/types.py)
   <layer>.bias          [N] in the model's dtype
   <layer>.act_mult      float32 [K]: smoothing 1/s times the rotation's random signs (folded activation side)
   <layer>.static_scale  float32 scalar: static per-tensor activation scale (the naive baseline only)
   every other tensor    the non-quantized layers (embedders, t_block, final layer, norms, tables) under their
                         official keys, in their dtype
 Metadata (safetensors string map):
-  vidit_q.format        "1"             format version of the writer
-  vidit_q.min_reader    "1"             the oldest reader format that can load this file
+  vidit_q.format        "2"             format version of the writer
+  vidit_q.min_reader    "1" or "2"      the oldest reader format that can load this file: 2 when a layer has
+                                        two-level group scales (w_gparam), else 1 (format 1 readers load the rest)
   vidit_q.header        JSON (below)
   vidit_q.header_sha256 sha256 of the header string: a file edited after saving is refused
   prompt / workflow     (ComfyUI saves only) the graph that made it, as ComfyUI's own savers store it
@@ -57,9 +60,9 @@ RangeClock = getattr(_ql, "RangeClock", None)
 
 log = logging.getLogger("vidit_q")
 
-FORMAT_VERSION = 1
-MIN_READER_VERSION = 1  # what this writer's files need from a reader
-READABLE_VERSIONS = (1,)  # formats this reader understands (older ones get a migration here when they exist)
+FORMAT_VERSION = 2  # 2: two-level int4 group scales (w_gparam); everything else is as in format 1
+MIN_READER_VERSION = 1  # what this writer's files need from a reader (2 where a layer has w_gparam: _min_reader)
+READABLE_VERSIONS = (1, 2)  # formats this reader understands (older ones get a migration here when they exist)
 METHOD = "ViDiT-Q"
 TOOL = "ComfyUI-ViDiT-Q"
 KEY_FORMAT = "vidit_q.format"
@@ -68,7 +71,7 @@ KEY_HEADER = "vidit_q.header"
 KEY_SHA = "vidit_q.header_sha256"
 RESERVED_KEYS = (KEY_FORMAT, KEY_MIN_READER, KEY_HEADER, KEY_SHA)
 
-LAYER_TENSORS = ("qweight", "w_scale", "w_zero", "bias", "act_mult", "static_scale")
+LAYER_TENSORS = ("qweight", "w_scale", "w_zero", "w_gparam", "bias", "act_mult", "static_scale")
 REQUIRED_LAYER_TENSORS = ("qweight", "w_scale")
 W_DTYPES = {"int8": torch.int8, "int4": torch.uint8, "fp8": torch.float8_e4m3fn}
 ACT_FORMATS = ("int8", "fp8")
@@ -119,7 +122,7 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
 def _quant_entry(q: QuantLinear, prefix: str, tensors: Dict[str, torch.Tensor]) -> Dict:
     present = []
     for attr in LAYER_TENSORS:
-        t = q.file_qweight() if attr == "qweight" else getattr(q, attr)  # int4: the files' byte order
+        t = q.file_qweight() if attr == "qweight" else getattr(q, attr, None)  # int4: the files' byte order
         if t is None:
             continue
         tensors[f"{prefix}{attr}"] = _cpu(t)
@@ -196,6 +199,13 @@ def collect_tensors(model: nn.Module, layers: Dict[str, nn.Module], fp_dtype: Op
     return tensors, fp_names, entries, dtypes
 
 
+def _min_reader(entries: Dict[str, Dict]) -> int:
+    """The oldest reader format that loads these layers: 2 for two-level int4 group scales (w_gparam), else 1."""
+    def uses_gparam(entry):
+        return "w_gparam" in (entry.get("tensors") or ()) or any(uses_gparam(v) for v in entry.get("variants", ()))
+    return 2 if any(uses_gparam(e) for e in entries.values()) else MIN_READER_VERSION
+
+
 def build_header(summary: Dict, fp_names: List[str], entries: Dict[str, Dict], dtypes: Dict,
                  model_info: Optional[Dict] = None) -> Dict:
     fingerprint = dict(summary.get("fingerprint") or {})
@@ -206,7 +216,7 @@ def build_header(summary: Dict, fp_names: List[str], entries: Dict[str, Dict], d
     config = PRESETS[preset].to_dict() if preset in PRESETS else None
     return {
         "format_version": FORMAT_VERSION,
-        "min_reader_version": MIN_READER_VERSION,
+        "min_reader_version": _min_reader(entries),
         "method": METHOD,
         "tool": TOOL,
         "tool_version": TOOL_VERSION,
@@ -396,6 +406,13 @@ def _validate_quant(path, name: str, entry: Dict, t: Dict[str, torch.Tensor]) ->
     if q.dtype != W_DTYPES[fmt] or tuple(q.shape) != want_shape:
         bad(f"qweight is {q.dtype} {list(q.shape)} but a {fmt} weight of {n}x{k} is {W_DTYPES[fmt]} {list(want_shape)}")
     scale_shape = (n, k // g) if g else (n,)
+    if "w_gparam" in t:
+        gp = t["w_gparam"]
+        if fmt != "int4" or not g or "w_zero" in t:
+            bad("two-level group scales (w_gparam) need int4 group-wise weights without w_zero")
+        if gp.dtype != torch.uint8 or tuple(gp.shape) != scale_shape:
+            bad(f"w_gparam is {gp.dtype} {list(gp.shape)}, expected uint8 {list(scale_shape)}")
+        scale_shape = (n,)  # the first level: one float scale per output channel
     for attr in ("w_scale", "w_zero"):
         if attr in t and (tuple(t[attr].shape) != scale_shape or not t[attr].is_floating_point()):
             bad(f"{attr} is {t[attr].dtype} {list(t[attr].shape)}, expected a float tensor of {list(scale_shape)}")
@@ -421,7 +438,8 @@ def _build_layer(path, name: str, entry: Dict, prefix: str, get: Callable[[str],
     if kind == "quant":
         _validate_quant(path, name, entry, t)
         qw = QuantizedWeight(data=t["qweight"], scale=t["w_scale"], zero=t.get("w_zero"), fmt=entry["w_fmt"],
-                             in_features=entry["in_features"], group_size=entry["group_size"])
+                             in_features=entry["in_features"], group_size=entry["group_size"],
+                             gparam=t.get("w_gparam"))
         return QuantLinear(qw, t.get("bias"), t.get("act_mult"), entry["had_block"], entry["a_bits"],
                            "fp8" if entry["act_fmt"] == "fp8" else "int", t.get("static_scale"), backend,
                            entry.get("meta") or {})

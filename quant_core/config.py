@@ -10,6 +10,7 @@ _PRESETS_FILE = pathlib.Path(__file__).with_name("presets.json")
 W_GRANULARITIES = ("channel", "group", "tensor")
 A_GRANULARITIES = ("token", "tensor_static")
 FORMATS = ("int", "fp8")
+GROUP_SCALES = ("float", "int8")
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class QuantConfig:
     w_granularity: str = "channel"
     w_group_size: int = 0
     w_symmetric: bool = True
+    w_group_scale: str = "float"  # int4 groups: "float" scales, or "int8": two-level (quantizers.quantize_weight)
     a_bits: int = 8
     a_format: str = "int"
     a_granularity: str = "token"
@@ -46,6 +48,11 @@ class QuantConfig:
             problems.append(f"w_granularity must be one of {W_GRANULARITIES}")
         if self.w_granularity == "group" and self.w_group_size <= 0:
             problems.append("w_granularity 'group' needs w_group_size > 0")
+        if self.w_group_scale not in GROUP_SCALES:
+            problems.append(f"w_group_scale must be one of {GROUP_SCALES}")
+        if self.w_group_scale == "int8" and (self.w_bits != 4 or self.w_format != "int"
+                                             or self.w_granularity != "group"):
+            problems.append("w_group_scale 'int8' (two-level group scales) is for int4 group-wise weights")
         if self.a_granularity not in A_GRANULARITIES:
             problems.append(f"a_granularity must be one of {A_GRANULARITIES}")
         if self.w_bits < 16 and self.a_bits == 16:

@@ -71,6 +71,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("qweight", data)
         self.register_buffer("w_scale", qweight.scale)
         self.register_buffer("w_zero", qweight.zero)
+        self.register_buffer("w_gparam", qweight.gparam)  # two-level int4 group scales + zeros (types.py)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("act_mult", act_mult)
         self.register_buffer("static_scale", static_scale)
@@ -104,7 +105,8 @@ class QuantLinear(nn.Module):
             group = layer_group_size(k, group)
             granularity = "group" if group else "channel"
         qw = quantize_weight(w_hat, bits=config.w_bits, fmt=config.w_format, granularity=granularity,
-                             group_size=group, symmetric=config.w_symmetric)
+                             group_size=group, symmetric=config.w_symmetric,
+                             group_scale=config.w_group_scale if granularity == "group" else "float")
         static_scale = None
         if config.a_granularity == "tensor_static":
             if act_absmax is None:
@@ -122,7 +124,7 @@ class QuantLinear(nn.Module):
         zero = None if self.w_zero is None else self.w_zero.float()
         return QuantizedWeight(data=self.qweight, scale=self.w_scale.float(), zero=zero, fmt=self.w_fmt,
                                in_features=self.in_features, group_size=self.group_size,
-                               pack=getattr(self, "w_pack", "pairs"))
+                               pack=getattr(self, "w_pack", "pairs"), gparam=getattr(self, "w_gparam", None))
 
     def file_qweight(self) -> torch.Tensor:
         """The weight codes in the files' byte order (int4: "pairs", whatever order the layer keeps in memory)."""
@@ -227,12 +229,14 @@ class QuantLinear(nn.Module):
         return F.linear(xq, self._sim_weight, bias).to(x.dtype)
 
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.w_scale, self.w_zero, self.act_mult)
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.w_scale, self.w_zero,
+                                                          getattr(self, "w_gparam", None), self.act_mult)
                    if t is not None)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, w={self.w_fmt}"
                 f"{'/g' + str(self.group_size) if self.group_size else ''}"
+                f"{'/two-level' if getattr(self, 'w_gparam', None) is not None else ''}"
                 f"{'/' + getattr(self, 'w_pack', 'pairs') if self.w_fmt == 'int4' else ''}, a={self.act_fmt}:{self.a_bits}b, "
                 f"hadamard={self.had_block}, smoothed={self.meta.get('smoothed')}"
                 f"{', fused=' + self.input_act if self.input_act else ''}"

@@ -68,7 +68,8 @@ def _quantized_output(model, layers, clock=None):
 ASYM_W4 = get_preset("w4a8").replace(name="w4a8-asym", w_symmetric=False)
 
 
-@pytest.mark.parametrize("preset", ["w8a8", "w8a8-naive", "w8a8-fp8", "w6a6", "w4a8", "w4a8-g128", "w4a8-asym"])
+@pytest.mark.parametrize("preset", ["w8a8", "w8a8-naive", "w8a8-fp8", "w6a6", "w4a8", "w4a8-g128", "w4a8-asym",
+                                    "w4a8-g128-fast"])
 def test_round_trip_is_bit_identical(model, calib, tmp_path, preset):
     config = ASYM_W4 if preset == "w4a8-asym" else get_preset(preset)
     layers, summary = build_quant_layers(model, config, calib)
@@ -97,6 +98,10 @@ def test_round_trip_is_bit_identical(model, calib, tmp_path, preset):
     assert header["preset"] == config.name and header["family"] == "pixart" and header["variant"] == "pixart_sigma"
     assert header["fingerprint"] == summary["fingerprint"] and header["tool_version"] == viditq.__version__
     assert header["format_version"] == ckpt_mod.FORMAT_VERSION
+    # two-level group scales (w_gparam) need a format-2 reader; every other file stays readable by format 1
+    two_level = any(getattr(q, "w_gparam", None) is not None for q in layers.values())
+    assert two_level == (config.w_group_scale == "int8")
+    assert header["min_reader_version"] == (2 if two_level else 1)
 
 
 def test_sampling_round_trip_and_plan_with_fp_layer(model, calib, tmp_path):
@@ -249,6 +254,33 @@ def test_tampered_metadata(good_file, tmp_path):
     assert "not valid JSON" in _error(_rewrite(good_file, tmp_path / "e.safetensors", edit_metadata=not_json))
 
 
+def test_two_level_tensors_that_contradict_the_layer(model, tmp_path):
+    """w_gparam on a layer that cannot have it, or of the wrong shape / dtype: refused, naming the layer."""
+    layers, summary = build_quant_layers(model, get_preset("w4a8-g128-fast"), None)
+    path = _save(model, layers, summary, tmp_path / "fast.safetensors")
+    name = next(n for n, q in layers.items() if q.w_gparam is not None)
+    with safe_open(str(path), "pt") as f:
+        metadata = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for edit, problem in ((lambda t: t[:, :-1], "w_gparam is torch.uint8"),
+                          (lambda t: t.to(torch.int32), "w_gparam is torch.int32")):
+        bad = dict(tensors)
+        bad[f"{name}.w_gparam"] = edit(tensors[f"{name}.w_gparam"]).contiguous()
+        save_file(bad, str(tmp_path / "bad.safetensors"), metadata=metadata)
+        msg = _error(tmp_path / "bad.safetensors")
+        assert f"layer {name}" in msg and problem in msg
+
+    def gparam_on_int8(h):
+        h["layers"][name]["w_fmt"] = "int8"
+
+    tensors8 = dict(tensors)
+    q = layers[name]
+    tensors8[f"{name}.qweight"] = torch.zeros(q.out_features, q.in_features, dtype=torch.int8)
+    save_file(tensors8, str(tmp_path / "src8.safetensors"), metadata=metadata)
+    msg = _error(_rewrite(tmp_path / "src8.safetensors", tmp_path / "c.safetensors", gparam_on_int8))
+    assert "two-level group scales (w_gparam) need int4" in msg
+
+
 def test_missing_and_extra_tensors(good_file, tmp_path):
     with safe_open(str(good_file), "pt") as f:
         keys = list(f.keys())
@@ -293,7 +325,7 @@ def test_other_format_versions(model, tmp_path):
     msg = _error(_write_with_versions(model, tmp_path / "v3.safetensors", 3, 3))
     assert "needs a reader of format 3" in msg and "9.9.0" in msg
     msg = _error(_write_with_versions(model, tmp_path / "v0.safetensors", 0, 0))
-    assert "checkpoint format 0" in msg and "reads formats 1-1" in msg
+    assert "checkpoint format 0" in msg and "reads formats 1-2" in msg
 
 
 def test_failed_save_never_destroys_the_previous_file(model, good_file, tmp_path, monkeypatch):

@@ -45,6 +45,8 @@ Variants (all in one process, same inputs):
   fp16_stepgraphs / w8a8_stepgraphs / w8a8_sq_stepgraphs  the eager model through kernels/step_graph.StepGraphs
                         (ViDiTQCudaGraphs: our own capture and replay, no Dynamo); "eager" = one call, replay included
   w4a8_stepgraphs / w4a8_plan_stepgraphs  the same for W4A8 with every fusion: all linears at 4 bits / the MLP at 8
+  w4a8_g128_stepgraphs / w4a8_g128fast_stepgraphs  all linears int4 in groups of 128: float group scales
+                        (w4a8-g128) / two-level integer group scales (w4a8-g128-fast)
 Every variant is checked first (output rel error vs bf16, finite), then timed: one step as the median of many
 eager calls after warm-up (CUDA events), the same from a CUDA-graph replay where capture works, and a 20-step Euler
 CFG run (wall). A torch.profiler breakdown (kernel time by kind, per block) for fp16 and the best variant, and an
@@ -76,8 +78,10 @@ ALL_VARIANTS = ["fp16", "fp16_attn_fp8", "w8a8_int8", "w8a8_fp8", "w8a8_fp8_attn
                 "w8a8_sq_fused", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile", "fp16_strided", "w8a8_sq_fpcompile",
                 "w8a8_sq_frcompile", "w8a8_fp8_norot_frcompile", "w8a8_compile", "w8a8_frcompile",
                 "w8a8_fp8_frcompile", "fp16_cudagraphs", "w8a8_cudagraphs", "w8a8_sq_cudagraphs", "fp16_stepgraphs",
-                "w8a8_stepgraphs", "w8a8_sq_stepgraphs", "w4a8_stepgraphs", "w4a8_plan_stepgraphs"]
-STEPGRAPHS = {"fp16_stepgraphs", "w8a8_stepgraphs", "w8a8_sq_stepgraphs", "w4a8_stepgraphs", "w4a8_plan_stepgraphs"}
+                "w8a8_stepgraphs", "w8a8_sq_stepgraphs", "w4a8_stepgraphs", "w4a8_plan_stepgraphs",
+                "w4a8_g128_stepgraphs", "w4a8_g128fast_stepgraphs"]
+STEPGRAPHS = {"fp16_stepgraphs", "w8a8_stepgraphs", "w8a8_sq_stepgraphs", "w4a8_stepgraphs", "w4a8_plan_stepgraphs",
+              "w4a8_g128_stepgraphs", "w4a8_g128fast_stepgraphs"}
 # whole model through torch.compile(backend="cudagraphs") (ViDiTQCompileModel's no-codegen backend)
 CUDAGRAPHS = {"fp16_cudagraphs", "w8a8_cudagraphs", "w8a8_sq_cudagraphs"}
 COMPILED = {"w8a8_compile", "w8a8_frcompile", "w8a8_fp8_frcompile", "w8a8_full", "torchao_int8_compile", "fp16_compile", "w8a8_fp8_compile", "w8a8_fp8_norot_compile",
@@ -111,8 +115,11 @@ OURS = {"w8a8_int8": ("w8a8", {}, None, False, None), "w8a8_fp8": ("w8a8-fp8", {
         "w8a8_stepgraphs": ("w8a8", {}, None, False, None),
         "w8a8_sq_stepgraphs": ("w8a8-smoothquant", {}, None, False, None),
         "w4a8_stepgraphs": ("w4a8", {}, None, False, None),  # every linear at 4 bits
-        "w4a8_plan_stepgraphs": ("w4a8", {}, None, False, None)}
-FUSED = {"w8a8_stepgraphs", "w8a8_sq_stepgraphs", "w4a8_stepgraphs", "w4a8_plan_stepgraphs", "w8a8_cudagraphs", "w8a8_sq_cudagraphs", "w8a8_frcompile", "w8a8_fp8_frcompile", "w8a8_sq_fused", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile", "w8a8_sq_fpcompile", "w8a8_sq_frcompile",
+        "w4a8_plan_stepgraphs": ("w4a8", {}, None, False, None),
+        "w4a8_g128_stepgraphs": ("w4a8-g128", {}, None, False, None),
+        "w4a8_g128fast_stepgraphs": ("w4a8-g128-fast", {}, None, False, None)}
+FUSED = {"w8a8_stepgraphs", "w8a8_sq_stepgraphs", "w4a8_stepgraphs", "w4a8_plan_stepgraphs", "w4a8_g128_stepgraphs",
+         "w4a8_g128fast_stepgraphs", "w8a8_cudagraphs", "w8a8_sq_cudagraphs", "w8a8_frcompile", "w8a8_fp8_frcompile", "w8a8_sq_fused", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile", "w8a8_sq_fpcompile", "w8a8_sq_frcompile",
          "w8a8_fp8_norot_frcompile"}
 # the fusion switches each fused variant installs with (the names keep what they measured when they were added)
 FUSE_SWITCHES = {"w8a8_sq_fcompile": {"VIDITQ_FUSE_PLAIN": "0", "VIDITQ_FUSE_RESIDUAL": "0"},
@@ -1047,7 +1054,8 @@ def main():
                 profiles["fp16"] = profile_step("fp16", target, 1024)
             if v in ("w8a8_fp8_attn", "w8a8_full", "w8a8_fp8_compile", "w8a8_fp8_norot_compile", "w8a8_sq_compile",
                      "fp16_compile", "w8a8_sq_fcompile", "w8a8_sq_fpcompile", "w8a8_sq_frcompile",
-                     "w8a8_frcompile", "w8a8_stepgraphs", "w4a8_stepgraphs", "w4a8_plan_stepgraphs") \
+                     "w8a8_frcompile", "w8a8_stepgraphs", "w4a8_stepgraphs", "w4a8_plan_stepgraphs",
+                     "w4a8_g128fast_stepgraphs") \
                     and not ARGS.no_profile and 1024 in RESOLUTIONS \
                     and elapsed() < ARGS.budget_s:
                 try:

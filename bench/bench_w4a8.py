@@ -1,5 +1,7 @@
 """W4A8 against W8A8 and cuBLAS bf16 at the PixArt / OpenSORA linear shapes, the int4 nibbles unpacked by inline
-PTX (four bytes per register) and by Triton's own byte-by-byte lowering (VIDITQ_W4_ASM=0). GPU only.
+PTX (four bytes per register) and by Triton's own byte-by-byte lowering (VIDITQ_W4_ASM=0); int4 in groups of 128
+with float group scales and with two-level integer ones (w4a8-g128-fast), weights in the split16 byte order the
+layers keep, activation codes in natural order. GPU only.
 
 Each GEMM is tuned by the module's own tuner, checked against the fp32 reference, then timed as the median of
 CUDA-graph replays (the kernels alone). The JSON is rewritten after every shape, so a cut-off run keeps its rows.
@@ -8,6 +10,7 @@ CUDA-graph replays (the kernels alone). The JSON is rewritten after every shape,
     python bench/bench_w4a8.py --dry                        # CPU interpreter, tiny shapes: the script only
 """
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -20,6 +23,8 @@ p.add_argument("--m", type=int, nargs="+", default=[8192, 2048, 32768])
 p.add_argument("--out", default=str(ROOT / "bench" / "results"))
 p.add_argument("--budget-s", type=float, default=400.0, help="skip shapes that would start after this many s")
 p.add_argument("--dry", action="store_true")
+p.add_argument("--variants", default="w8a8_int8,w4a8_asm,w4a8_triton,w4a8_s16,w4a8_g128_s16,w4a8_g128_2l",
+               help="comma-separated subset of the variants (the bf16 row is always timed)")
 ARGS = p.parse_args()
 if ARGS.dry:
     os.environ["TRITON_INTERPRET"] = "1"
@@ -34,6 +39,7 @@ from _viditq import graph_replay_ms, import_viditq  # noqa: E402
 import_viditq()
 from viditq.kernels import reference, triton_gemm as tg  # noqa: E402
 from viditq.kernels.types import QuantizedWeight  # noqa: E402
+from viditq.quant_core.quantizers import quantize_weight  # noqa: E402
 
 if not ARGS.dry and not torch.cuda.is_available():
     print("bench_w4a8.py needs a CUDA GPU; use --dry to check the script on the CPU.")
@@ -87,9 +93,23 @@ def run_shape(m, name, k, n):
     wb = reference.dequantize_weight(w8).to(torch.bfloat16)
     base = graph_ms(lambda: F.linear(x, wb, bias))
     ROWS.append(dict(M=m, K=k, N=n, layer=name, variant="bf16", ms=base))
+    # the layers' own formats: split16 bytes, natural-order codes (+ per-token / per-group code sums where the
+    # raw-nibble kernels need them); groups of 128 from a real quantizer run on a random weight with outlier columns
+    wf = torch.randn(n, k, generator=g) * (torch.rand(k, generator=g) * 2 + 0.1)
+    s16 = lambda w: dataclasses.replace(w, data=reference.repack_int4(w.data, "pairs", "split16"), pack="split16")
+    wg = quantize_weight(wf, bits=4, granularity="group", group_size=128)
+    w2 = quantize_weight(wf, bits=4, granularity="group", group_size=128, group_scale="int8")
+    wg, w2 = (dataclasses.replace(w, data=w.data.to(DEV), scale=w.scale.to(DEV),
+                                  gparam=None if w.gparam is None else w.gparam.to(DEV)) for w in (wg, w2))
+    sums = lambda grp: type(a8)(q=a8.q, scale=a8.scale, qsum=a8.q.to(torch.int32).reshape(m, k // grp, grp).sum(
+        -1, dtype=torch.int32))
     cases = [("w8a8_int8", a8, w8, False, "1"), ("w4a8_asm", a4, w4, "perm32", "1"),
-             ("w4a8_triton", a4, w4, "perm32", "0")]
+             ("w4a8_triton", a4, w4, "perm32", "0"), ("w4a8_s16", sums(k), s16(w4), False, "1"),
+             ("w4a8_g128_s16", sums(128), s16(wg), False, "1"), ("w4a8_g128_2l", a8, s16(w2), False, "1")]
+    wanted = set(ARGS.variants.split(","))
     for variant, a, w, perm, asm in cases:
+        if variant not in wanted:
+            continue
         os.environ["VIDITQ_W4_ASM"] = asm
         ref = reference.quantized_matmul(a8, w, bias, torch.float32)
         out = torch.full((m, n), float("nan"), device=DEV, dtype=torch.bfloat16)
@@ -121,15 +141,16 @@ for m in MS:
         run_shape(m, name, k, n)
         write()
 
-print(f"\n{'M x K x N':20s} {'bf16':>8s} {'w8a8':>8s} {'w4 asm':>8s} {'w4 triton':>9s}  w4 asm / w8a8")
+COLS = ("bf16", "w8a8_int8", "w4a8_asm", "w4a8_triton", "w4a8_s16", "w4a8_g128_s16", "w4a8_g128_2l")
+print(f"\n{'M x K x N':20s} " + " ".join(f"{c[:10]:>10s}" for c in COLS) + "  (ms; last: 2l / w8a8, 2l / g128)")
 for m in MS:
     for name, k, n in SHAPES:
         r = {x["variant"]: x["ms"] for x in ROWS if (x["M"], x["K"], x["N"]) == (m, k, n) and x.get("correct", True)}
         if r.get("bf16") is None and not ARGS.dry:
             continue
-        cols = [r.get(v) for v in ("bf16", "w8a8_int8", "w4a8_asm", "w4a8_triton")]
-        ratio = cols[1] / cols[2] if cols[1] and cols[2] else None
-        print(f"{m}x{k}x{n:<10d} " + " ".join(f"{c:8.4f}" if c else "       -" for c in cols)
-              + (f"  {ratio:.2f}x" if ratio else ""))
+        cols = [r.get(v) for v in COLS]
+        ratios = [f"{a / b:.2f}x" for a, b in ((cols[1], cols[6]), (cols[5], cols[6])) if a and b]
+        print(f"{m}x{k}x{n:<10d} " + " ".join(f"{c:10.4f}" if c else "         -" for c in cols)
+              + "  " + " ".join(ratios))
 print(f"{sum(1 for x in ROWS if x.get('correct') is False)} incorrect rows, {len(ERRORS)} errors, "
       f"{time.time() - T0:.0f} s")

@@ -52,7 +52,7 @@ def check_layers(rows):
     for k, n in ((1152, 4608), (4608, 1152)):
         lin = torch.nn.Linear(k, n).cuda().to(torch.bfloat16)
         absmax = (torch.rand(k, generator=g) * 4 + 0.5).cuda()
-        for preset in _presets(("w8a8", "w8a8-fp8", "w8a8-smoothquant", "w4a8", "w4a8-g128")):
+        for preset in _presets(("w8a8", "w8a8-fp8", "w8a8-smoothquant", "w4a8", "w4a8-g128", "w4a8-g128-fast")):
             layer = QuantLinear.from_linear(lin, f"blocks.0.mlp.fc{1 if k == 1152 else 2}", get_preset(preset), absmax,
                                             "auto").cuda()
             for m in (7, 2048, 2000, 2048):  # 2000 and the second 2048 run the bucket's plan
@@ -81,7 +81,8 @@ def check_fused(rows):
     from viditq.quant_core import fusion_patches
 
     model, (x, t, ctx), g = small_pixart(seed=2)
-    for preset in _presets(("w8a8-smoothquant", "w8a8-fp8-norot", "w8a8", "w8a8-fp8", "w4a8", "w4a8-g128")):
+    for preset in _presets(("w8a8-smoothquant", "w8a8-fp8-norot", "w8a8", "w8a8-fp8", "w4a8", "w4a8-g128",
+                            "w4a8-g128-fast")):
         cfg = dataclasses.replace(get_preset("w8a8-fp8"), rotate=False) if preset == "w8a8-fp8-norot" \
             else get_preset(preset)
         layers, _ = build_quant_layers(model, cfg, None, None, "auto")

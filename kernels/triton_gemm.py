@@ -82,12 +82,18 @@ def _int4_halves_u(w, ASM: tl.constexpr = False):
 
 
 @triton.jit
-def _g2_rows(GP, bn, stride_gp, g):
-    """Two-level int4 (types.QuantizedWeight.gparam): group g's integer scale s2 and s2 * zero of weight rows bn,
-    int32 [BLOCK_N] each."""
-    p = tl.load(GP + bn * stride_gp + g).to(tl.int32)
+def _g2_split(p):
+    """gparam bytes -> (s2, s2 * z), int32."""
+    p = p.to(tl.int32)
     s2 = (p >> 4) + 1
     return s2, (p & 15) * s2
+
+
+@triton.jit
+def _g2_rows(GP, bn, stride_gp, g, N):
+    """Two-level int4 (types.QuantizedWeight.gparam): group g's integer scale s2 and s2 * zero of weight rows bn,
+    int32 [BLOCK_N] each (rows past N read as s2 = 1, z = 0: their outputs are never stored)."""
+    return _g2_split(tl.load(GP + bn * stride_gp + g, mask=bn < N, other=0))
 
 
 @triton.jit
@@ -437,7 +443,7 @@ def _w4_swap_kernel(A, B, C, AS, WS, WZ, QS, BIAS, M, N, K, stride_am, stride_bn
     acc_f = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for kt in range(0, K // BLOCK_K):
         if G2:
-            s2, zs = _g2_rows(GP, bn, stride_gp, (kt * BLOCK_K) // G2)
+            s2, zs = _g2_rows(GP, bn, stride_gp, (kt * BLOCK_K) // G2, N)
         if MERGE:
             if G2:
                 lo, hi = _int4_halves_g2(tl.load(b_ptrs), s2, zs, ASM)
@@ -503,8 +509,8 @@ def _w4_swap_tma_kernel(a_desc, b_desc, C, AS, WS, WZ, QS, BIAS, M, N, K, stride
         if ki == 0:
             tile += NUM_PROGS
             pid_m, pid_n = _tile_ids(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        if G2:
-            s2, zs = _g2_rows(GP, (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N, stride_gp, (ki * BLOCK_K) // G2)
+        if G2:  # GP: a descriptor of gparam transposed ([K / G2, N]), so its rows come pipelined like the tiles
+            s2, zs = _g2_split(tl.reshape(GP.load([(ki * BLOCK_K) // G2, pid_n * BLOCK_N]), [BLOCK_N]))
         if MERGE:  # perm32 activations: one [BLOCK_M, BLOCK_K] tile, one dot per K step
             if G2:
                 lo, hi = _int4_halves_g2(b_desc.load([pid_n * BLOCK_N, ki * KH]), s2, zs, ASM)
@@ -690,6 +696,19 @@ def tensor_cache(t: torch.Tensor, attr: str) -> dict:
     return per
 
 
+def gparam_t(gparam: torch.Tensor) -> torch.Tensor:
+    """gparam [N, G] transposed to [G, N] with rows padded to 16 bytes (a TMA descriptor's stride), made once per
+    weight tensor and kept on it (tensor_cache)."""
+    per = tensor_cache(gparam, "_viditq_gparam_t")
+    t = per.get("t")
+    if t is None:
+        n, g = gparam.shape
+        t = torch.zeros((g, -(-n // 16) * 16), dtype=torch.uint8, device=gparam.device)[:, :n]
+        t.copy_(gparam.t())
+        per["t"] = t
+    return t
+
+
 def kernel_zero(w) -> torch.Tensor:
     """The launchers' `wz` argument for weight w: its zero points, its two-level group parameters (gparam), or the
     scale as a stand-in that is never read."""
@@ -774,10 +793,13 @@ def launcher(cfg, n, k, group_k, has_zero, has_bias, magic, u4, perm_mode, devic
             b_desc = TensorDescriptor(wd, [n, wd.shape[1]], [wd.stride(0), 1], [bn, bk // 2])
             c_arg = TensorDescriptor(c, [m, n], [c.stride(0), 1], [bm, bn]) if epi_tma else c
             progs = min(nsm * per_sm, _cdiv(m, bm) * _cdiv(n, bn))
+            gp = wz
+            if g2:  # the group parameters' rows arrive by TMA with the tiles (pipelined, no global load per K step)
+                gpt = gparam_t(wz)
+                gp = TensorDescriptor(gpt, [gpt.shape[0], n], [gpt.stride(0), 1], [1, bn])
             return _w4_swap_tma_kernel[(progs,)](a_desc, b_desc, c_arg, a_scale, ws, wz, qs, bias_t, m, n, k,
                                                  c.stride(0), ws.stride(0) if group_k else 0, stride_qs, progs,
-                                                 *_residual_args(c, res, gate, res_rows), wz,
-                                                 wz.stride(0) if g2 else 0, EPI_TMA=epi_tma,
+                                                 *_residual_args(c, res, gate, res_rows), gp, 0, EPI_TMA=epi_tma,
                                                  GATE_1D=_gate_1d(gate, res_rows, bm), **kw)
         return fn
     if kind == "ptr":

@@ -23,6 +23,7 @@ p.add_argument("--m", type=int, nargs="+", default=[8192, 2048, 32768])
 p.add_argument("--out", default=str(ROOT / "bench" / "results"))
 p.add_argument("--budget-s", type=float, default=400.0, help="skip shapes that would start after this many s")
 p.add_argument("--dry", action="store_true")
+p.add_argument("--shapes", default="qkv,proj,fc1,fc2", help="comma-separated subset of qkv, proj, fc1, fc2")
 p.add_argument("--variants", default="w8a8_int8,w4a8_asm,w4a8_triton,w4a8_s16,w4a8_g128_s16,w4a8_g128_2l",
                help="comma-separated subset of the variants (the bf16 row is always timed)")
 ARGS = p.parse_args()
@@ -45,7 +46,8 @@ if not ARGS.dry and not torch.cuda.is_available():
     print("bench_w4a8.py needs a CUDA GPU; use --dry to check the script on the CPU.")
     sys.exit(2)
 DEV = "cpu" if ARGS.dry else "cuda"
-SHAPES = [("qkv", 1152, 3456), ("proj", 1152, 1152), ("fc1", 1152, 4608), ("fc2", 4608, 1152)]
+SHAPES = [sh for sh in [("qkv", 1152, 3456), ("proj", 1152, 1152), ("fc1", 1152, 4608), ("fc2", 4608, 1152)]
+          if sh[0] in ARGS.shapes.split(",")]
 MS = ARGS.m
 if ARGS.dry:
     SHAPES, MS = [("tiny", 128, 96)], [48]

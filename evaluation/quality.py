@@ -17,7 +17,7 @@ from .toy_models import VIDEO_FRAMES, caption_features, load_toy_pixart, load_to
 from .toy_world import all_image_scenes, all_video_scenes, render_video
 
 PRESETS = ["w8a8-naive", "w8a8-pertoken", "w8a8-smoothquant", "w8a8-quarot", "w8a8", "w8a8-fp8", "w6a6",
-           "w4a8", "w4a8-g128", "w4a8+plan", "w4a4"]
+           "w4a8", "w4a8-g128", "w4a8-g128-fast", "w4a8+plan", "w4a4"]
 
 
 @dataclass

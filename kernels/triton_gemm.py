@@ -504,13 +504,21 @@ def _w4_swap_tma_kernel(a_desc, b_desc, C, AS, WS, WZ, QS, BIAS, M, N, K, stride
     pid_n = 0
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
     acc_f = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    gp_next = tl.zeros([BLOCK_N], dtype=tl.uint8)
     for _ in range(0, my_tiles * k_tiles):
         ki = tl.where(ki == k_tiles - 1, 0, ki + 1)
         if ki == 0:
             tile += NUM_PROGS
             pid_m, pid_n = _tile_ids(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        if G2:  # GP: a descriptor of gparam transposed ([K / G2, N]), so its rows come pipelined like the tiles
-            s2, zs = _g2_split(tl.reshape(GP.load([(ki * BLOCK_K) // G2, pid_n * BLOCK_N]), [BLOCK_N]))
+        if G2:  # this K block's group parameters, loaded one K block ahead (a tile's first one on the spot)
+            rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            if ki == 0:
+                gp_cur = tl.load(GP + rows * stride_gp, mask=rows < N, other=0)
+            else:
+                gp_cur = gp_next
+            gp_next = tl.load(GP + rows * stride_gp + ((ki + 1) * BLOCK_K) // G2,
+                              mask=(rows < N) & (ki + 1 < k_tiles), other=0)
+            s2, zs = _g2_split(gp_cur)
         if MERGE:  # perm32 activations: one [BLOCK_M, BLOCK_K] tile, one dot per K step
             if G2:
                 lo, hi = _int4_halves_g2(b_desc.load([pid_n * BLOCK_N, ki * KH]), s2, zs, ASM)
@@ -696,19 +704,6 @@ def tensor_cache(t: torch.Tensor, attr: str) -> dict:
     return per
 
 
-def gparam_t(gparam: torch.Tensor) -> torch.Tensor:
-    """gparam [N, G] transposed to [G, N] with rows padded to 16 bytes (a TMA descriptor's stride), made once per
-    weight tensor and kept on it (tensor_cache)."""
-    per = tensor_cache(gparam, "_viditq_gparam_t")
-    t = per.get("t")
-    if t is None:
-        n, g = gparam.shape
-        t = torch.zeros((g, -(-n // 16) * 16), dtype=torch.uint8, device=gparam.device)[:, :n]
-        t.copy_(gparam.t())
-        per["t"] = t
-    return t
-
-
 def kernel_zero(w) -> torch.Tensor:
     """The launchers' `wz` argument for weight w: its zero points, its two-level group parameters (gparam), or the
     scale as a stand-in that is never read."""
@@ -793,13 +788,10 @@ def launcher(cfg, n, k, group_k, has_zero, has_bias, magic, u4, perm_mode, devic
             b_desc = TensorDescriptor(wd, [n, wd.shape[1]], [wd.stride(0), 1], [bn, bk // 2])
             c_arg = TensorDescriptor(c, [m, n], [c.stride(0), 1], [bm, bn]) if epi_tma else c
             progs = min(nsm * per_sm, _cdiv(m, bm) * _cdiv(n, bn))
-            gp = wz
-            if g2:  # the group parameters' rows arrive by TMA with the tiles (pipelined, no global load per K step)
-                gpt = gparam_t(wz)
-                gp = TensorDescriptor(gpt, [gpt.shape[0], n], [gpt.stride(0), 1], [1, bn])
             return _w4_swap_tma_kernel[(progs,)](a_desc, b_desc, c_arg, a_scale, ws, wz, qs, bias_t, m, n, k,
                                                  c.stride(0), ws.stride(0) if group_k else 0, stride_qs, progs,
-                                                 *_residual_args(c, res, gate, res_rows), gp, 0, EPI_TMA=epi_tma,
+                                                 *_residual_args(c, res, gate, res_rows), wz,
+                                                 wz.stride(0) if g2 else 0, EPI_TMA=epi_tma,
                                                  GATE_1D=_gate_1d(gate, res_rows, bm), **kw)
         return fn
     if kind == "ptr":

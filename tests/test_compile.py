@@ -137,8 +137,8 @@ def test_backend_is_resolved_at_run_time_inside_the_op(monkeypatch):
 
 def _linear_args(layer, x, backend="auto"):
     w = layer.quantized_weight()
-    return (x, w.data, w.scale, w.zero, layer.bias, layer.act_mult, layer.static_scale, w.fmt, w.in_features,
-            w.group_size, layer.had_block, layer.act_fmt, layer.act_qmax, backend)
+    return (x, w.data, w.scale, w.zero, w.gparam, layer.bias, layer.act_mult, layer.static_scale, w.fmt_tag,
+            w.in_features, w.group_size, layer.had_block, layer.act_fmt, layer.act_qmax, backend)
 
 
 def _opcheck(op, args):
@@ -146,7 +146,7 @@ def _opcheck(op, args):
     assert all(v == "SUCCESS" for v in result.values()), result
 
 
-@pytest.mark.parametrize("preset", ["w8a8", "w4a8-g128"])
+@pytest.mark.parametrize("preset", ["w8a8", "w4a8-g128", "w4a8-g128-fast"])
 def test_quant_linear_op_passes_opcheck(preset):
     layer = _layer(preset)
     _opcheck(custom_ops.quant_linear, _linear_args(layer, _x(2, 5)))
@@ -315,5 +315,6 @@ def test_quantized_matmul_op_opcheck():
 
     w = layer.quantized_weight()
     a = reference.quantize_activation(x, layer.act_mult, 0, "int8", 127, None, 0)
-    torch.library.opcheck(custom_ops.quantized_matmul, (a.q, a.scale, a.qsum, w.data, w.scale, w.zero, layer.bias,
-                                                        w.fmt, w.in_features, w.group_size, torch.float32, "auto"))
+    torch.library.opcheck(custom_ops.quantized_matmul, (a.q, a.scale, a.qsum, w.data, w.scale, w.zero, w.gparam,
+                                                        layer.bias, w.fmt, w.in_features, w.group_size, torch.float32,
+                                                        "auto"))

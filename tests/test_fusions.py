@@ -201,10 +201,10 @@ def test_prologue_quant_linear_op_passes_opcheck():
     w = torch.randn(24, 32)
     wq = quantize_activation(w)  # per-row int8 codes + scales: a per-output-channel int8 weight
     res, gate = torch.randn(10, 24), torch.randn(2, 24)
-    for args in ((x, "norm_modulate", ada[0], ada[1], 5, 1e-6, wq.q, wq.scale, None, torch.randn(24),
+    for args in ((x, "norm_modulate", ada[0], ada[1], 5, 1e-6, wq.q, wq.scale, None, None, torch.randn(24),
                   torch.rand(32) + 0.5, "int8", 32, 0, "int8", 127, "auto", res, gate, 5, 16),
-                 (x, "gelu_tanh", None, None, 0, 1e-6, wq.q, wq.scale, None, None, None, "int8", 32, 0, "int8", 127,
-                  "auto", None, None, 0, 0)):
+                 (x, "gelu_tanh", None, None, 0, 1e-6, wq.q, wq.scale, None, None, None, None, "int8", 32, 0, "int8",
+                  127, "auto", None, None, 0, 0)):
         result = torch.library.opcheck(custom_ops.prologue_quant_linear, args)
         assert all(v == "SUCCESS" for v in result.values()), result
 

@@ -109,7 +109,10 @@ def _int4_halves_g2(w, s2, zs, ASM: tl.constexpr = False):
         s2b = tl.broadcast_to(s2[:, None], w.shape)
         db = tl.broadcast_to(((128 - zs).to(tl.uint32) * 0x01010101).to(tl.int32, bitcast=True)[:, None], w.shape)
         lo, hi = tl.inline_asm_elementwise(
-            "{ .reg .b32 t, u; and.b32 t, $2, 0x0F0F0F0F; mad.lo.u32 t, t, $3, $7; xor.b32 $0, t, 0x80808080; "
+            # (the comment names all four packed scale operands and all four offsets, so that a test can read in
+            # the compiled PTX that each four are one register, i.e. one row: tests/test_two_level_int4.py)
+            "{ .reg .b32 t, u; // g2 operands $3 $4 $5 $6 | $7 $8 $9 $10\n"
+            "and.b32 t, $2, 0x0F0F0F0F; mad.lo.u32 t, t, $3, $7; xor.b32 $0, t, 0x80808080; "
             "shr.u32 u, $2, 4; and.b32 u, u, 0x0F0F0F0F; mad.lo.u32 u, u, $3, $7; xor.b32 $1, u, 0x80808080; }",
             "=r,=r,r,r,r,r,r,r,r,r,r", [w, s2b, db], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
         return lo, hi
@@ -755,18 +758,20 @@ def _residual_args(c, res, gate, res_rows):
 
 
 @functools.lru_cache(maxsize=512)
-def launcher(cfg, n, k, group_k, has_zero, has_bias, magic, u4, perm_mode, device_str, flag_items, g2=0):
+def launcher(cfg, n, k, group_k, has_zero, has_bias, magic, u4, perm_mode, device_str, flag_items, g2=0, asm=False):
     """The launch of GEMM candidate `cfg` with everything that is not a tensor bound once:
     fn(q, a_scale, a_qsum, wd, ws, wz, bias_or_scale, c, m) -> compiled kernel (wz: kernel_zero(w)). It holds no
     tensor (so a plan that keeps it never keeps a weight alive); the weight's tensor descriptor is built per call (a
-    few microseconds). g2: the group size of two-level int4 weights (swapped kernels only; wz is then the gparam)."""
+    few microseconds). g2: the group size of two-level int4 weights (swapped kernels only; wz is then the gparam);
+    asm: their nibbles turned into int8 values by inline PTX (w4_asm_ok), else by Triton's own lowering."""
     kind, bm, bn, bk, gm, st, nw = cfg
     flags = dict(flag_items)
     use_qsum = has_zero or u4  # the epilogue reads the per-token code sums (else a.scale stands in, unread)
     nsm = _device_info(device_str)[1]
     w_int4 = flags["W_INT4"]
     if kind.startswith("swap"):
-        kw = dict(GROUP_K=group_k, HAS_ZERO=has_zero, HAS_BIAS=has_bias, MAGIC=magic, U4=bool(u4), ASM=u4 == 2,
+        kw = dict(GROUP_K=group_k, HAS_ZERO=has_zero, HAS_BIAS=has_bias, MAGIC=magic, U4=bool(u4),
+                  ASM=u4 == 2 or bool(asm),
                   MERGE=perm_mode == 2, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_stages=st, num_warps=nw,
                   HAS_RES=flags["HAS_RES"], HAS_GATE=flags["HAS_GATE"], G2=g2)
         if kind == "swap":
@@ -870,6 +875,7 @@ def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False, return_launc
              and not g2)
     if u4 and w4_asm_ok(q.device):
         u4 = 2  # the nibbles unpacked four bytes per register by inline PTX
+    asm = bool(g2) and w4_asm_ok(q.device)  # two-level: the multiply-add per four weights by inline PTX too
     if perm_mode and (w.fmt != "int4" or k % (32 if perm_mode == 1 else 64)):
         return None
     dev = q.device
@@ -897,7 +903,8 @@ def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False, return_launc
     tma = tma_ok(dev) and q.data_ptr() % 16 == 0 and wd.data_ptr() % 16 == 0 and k % 16 == 0 and \
         (wd.shape[1] * wd.element_size()) % 16 == 0
     tma_store = tma and c.data_ptr() % 16 == 0 and (c.stride(0) * c.element_size()) % 16 == 0 and c.stride(1) == 1
-    setup = (n, k, group_k, has_zero, bias is not None, magic, u4, perm_mode, str(dev), tuple(flags.items()), g2)
+    setup = (n, k, group_k, has_zero, bias is not None, magic, u4, perm_mode, str(dev), tuple(flags.items()), g2,
+             asm)
 
     def launch(cfg):
         if residual is not None:
@@ -905,7 +912,7 @@ def quantized_matmul(a, w, bias, out_dtype, out=None, a_perm=False, return_launc
         return launcher(cfg, *setup)(q, a.scale, a.qsum, wd, ws, wz, bias_t, c, m)
 
     key = (m_bucket(m), n, k, str(dev), out_dtype, bias_t.dtype, tma, tma_store, os.environ.get(_KINDS_ENV, ""),
-           u4, perm_mode, g2) + tuple(flags.values())
+           u4, perm_mode, g2, asm) + tuple(flags.values())
     cfg = tuner.pick(key, candidates(m, n, k, w_int4, group_k, tma, tma_store, perm_mode, g2), launch)
     last_config = cfg
     last_kernel = launch(cfg)

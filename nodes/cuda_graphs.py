@@ -7,7 +7,9 @@ graphed one during each call, on a clone of the MODEL.
 
 What a replay does not see: anything the diffusion model reads besides its tensor arguments. transformer_options
 is passed at capture and not compared afterwards (ComfyUI rebuilds it every step with fresh uuids, so comparing it
-would capture every run anew); calls with attention patches (patches / patches_replace) or a ControlNet run
+would capture every run anew); the one piece of Python state our own layers read, the timestep range of a
+per-timestep-range plan (TimestepSwitchLinear's clock), is part of each graph's signature, so every range gets its
+own graphs instead of replaying the bits of the range that was recorded first; calls with attention patches (patches / patches_replace) or a ControlNet run
 eagerly, as do calls on a CPU and calls while ComfyUI streams the weights (lowvram). When ComfyUI loads or detaches
 the model (its weights may move), the graphs are dropped and recorded again.
 """
@@ -18,6 +20,7 @@ import torch
 from comfy_api.latest import io
 
 from ..kernels.step_graph import StepGraphs
+from ..quant_core.quant_linear import TimestepSwitchLinear
 
 log = logging.getLogger("vidit_q")
 WRAPPER_KEY = "vidit_q_cuda_graphs"
@@ -33,7 +36,16 @@ class GraphedDiffusionModel(torch.nn.Module):
         super().__init__()
         self.module = module
         self.options = {}
-        self.graphs = StepGraphs(self._run, max_graphs=max_graphs, capture=CAPTURE)
+        # Clocks of per-timestep-range plans (the object patches are applied by now: the wrapper runs inside a
+        # loaded model's call, and a reload drops this stand-in). Which variant a TimestepSwitchLinear runs is
+        # Python state a replay would freeze, so the ranges go into the signature: up to one graph per shape and
+        # range, hence max_graphs input shapes x the ranges.
+        clocks = {id(m.clock): m.clock for m in module.modules() if isinstance(m, TimestepSwitchLinear)}
+        self.clocks = list(clocks.values())
+        ranges = 1
+        for c in self.clocks:
+            ranges *= c.num_ranges
+        self.graphs = StepGraphs(self._run, max_graphs=max_graphs * ranges, capture=CAPTURE)
 
     def __getattr__(self, name):
         try:
@@ -41,7 +53,7 @@ class GraphedDiffusionModel(torch.nn.Module):
         except AttributeError:
             return getattr(super().__getattr__("module"), name)
 
-    def _run(self, x, t, context, extra):
+    def _run(self, x, t, context, extra, ranges=()):
         return self.module(x, t, context=context, control=None, transformer_options=self.options, **extra)
 
     def forward(self, x, t, context=None, control=None, transformer_options=None, **extra):
@@ -49,7 +61,8 @@ class GraphedDiffusionModel(torch.nn.Module):
         if control is not None or opts.get("patches") or opts.get("patches_replace"):
             return self.module(x, t, context=context, control=control, transformer_options=opts, **extra)
         self.options = opts  # read by the eager warm-up and the capture only
-        return self.graphs(x, t, context, extra)
+        ranges = tuple(c.current for c in self.clocks)  # (None when unset: the layer then raises, eagerly)
+        return self.graphs(x, t, context, extra, ranges)
 
 
 def cuda_graphs_wrapper(max_graphs: int):
@@ -96,7 +109,8 @@ class ViDiTQCudaGraphs(io.ComfyNode):
                 io.Model.Input("model"),
                 io.Int.Input("max_graphs", default=4, min=1, max=64, optional=True,
                              tooltip="At most this many recorded input shapes (each holds its own activation "
-                                     "memory); further shapes run without graphs."),
+                                     "memory); further shapes run without graphs. A per-timestep-range plan "
+                                     "records each shape once per timestep range."),
             ],
             outputs=[io.Model.Output()],
         )

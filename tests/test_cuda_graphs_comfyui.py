@@ -12,14 +12,19 @@ pytestmark = requires_comfyui
 
 
 @pytest.fixture(scope="module")
-def quantized(tmp_path_factory):
+def fp_model(tmp_path_factory):
     import_comfyui()
     import comfy.sd
-    from viditq.nodes.quantize import ViDiTQQuantize
 
     path = write_tiny_checkpoint(tmp_path_factory.mktemp("diffusion_models"))
-    model = comfy.sd.load_diffusion_model(str(path))
-    return ViDiTQQuantize.execute(model, "w8a8-smoothquant", None, None, "auto", "off").args[0]
+    return comfy.sd.load_diffusion_model(str(path))
+
+
+@pytest.fixture(scope="module")
+def quantized(fp_model):
+    from viditq.nodes.quantize import ViDiTQQuantize
+
+    return ViDiTQQuantize.execute(fp_model, "w8a8-smoothquant", None, None, "auto", "off").args[0]
 
 
 def _ksample(model, steps=4, seed=3):
@@ -85,3 +90,64 @@ def test_cuda_graphs_node_refuses_graph_compiled_models(quantized):
     assert ViDiTQCudaGraphs.execute(compiled).args[0] is not compiled  # Inductor without graphs: allowed
     schema = ViDiTQCudaGraphs.define_schema()
     assert schema.node_id == "ViDiTQCudaGraphs"
+
+
+
+def _frozen_capture(clocks):
+    """The CPU stand-in capture, with the one thing it lacks for this test: a replay runs with the range clocks as
+    they were at its capture, as a real CUDA graph (which records kernels, not Python) does."""
+    from helpers import FakeGraph
+
+    def capture(run):
+        seen = [c.current for c in clocks]
+        graph = FakeGraph(run)
+        replay = graph.replay
+
+        def frozen_replay():
+            now = [c.current for c in clocks]
+            for c, r in zip(clocks, seen):
+                c.current = r
+            try:
+                replay()
+            finally:
+                for c, r in zip(clocks, now):
+                    c.current = r
+
+        graph.replay = frozen_replay
+        return graph, graph.out
+
+    return capture
+
+
+def test_per_range_plan_records_each_timestep_range(fp_model, monkeypatch):
+    """A per-timestep-range plan switches bits with the timestep, Python state that a replay freezes: each range
+    gets its own graphs (even with max_graphs = 1) instead of replaying the bits of the range recorded first."""
+    from viditq.nodes import cuda_graphs
+    from viditq.nodes.comfy_glue import diffusion_model, fp_lookup
+    from viditq.nodes.quantize import ViDiTQQuantize
+    from viditq.quant_core import QuantPlan, TimestepSwitchLinear, describe_model
+
+    _, _, layers, fingerprint = describe_model(diffusion_model(fp_model), fp_lookup(fp_model))  # (a clone may be loaded)
+    plan = QuantPlan(fingerprint, {}, base_preset="w8a8", timestep_ranges=2,
+                     range_layers={n: [{"w_bits": 8}, {"w_bits": 4}] for n in layers if n.startswith("blocks.")})
+    planned = ViDiTQQuantize.execute(fp_model, "w8a8", None, plan, "auto", "off").args[0]
+    switches = [o for o in planned.object_patches.values() if isinstance(o, TimestepSwitchLinear)]
+    assert switches
+    clocks = list({id(s.clock): s.clock for s in switches}.values())
+    monkeypatch.setattr(cuda_graphs, "CAPTURE", _frozen_capture(clocks))
+
+    eager = _ksample(planned, steps=6)
+    (graphed,) = cuda_graphs.ViDiTQCudaGraphs.execute(planned, 1).args
+    out = _ksample(graphed, steps=6)
+    (stand_in,) = _stand_ins(graphed)[1]
+    assert stand_in.clocks == clocks
+    stats = stand_in.graphs.stats
+    assert stats["captured"] == 2 and stats["replayed"] >= 2, stats  # one graph per range
+    assert torch.equal(out, eager)
+
+    # what this guards against, shown by the same stand-in: with the ranges left out of the signature, steps of the
+    # second range replay the first range's graph and the result changes
+    monkeypatch.setattr(cuda_graphs, "TimestepSwitchLinear", type("NoSwitch", (), {}))
+    for wrapper in _stand_ins(graphed)[0]:
+        wrapper.reset()  # (ComfyUI on the CPU also reloads, and so resets, for every run)
+    assert not torch.equal(_ksample(graphed, steps=6), eager)

@@ -85,6 +85,12 @@ def test_calibrate_quantize_compare_end_to_end(loaded, nodes_mod):
     for key in ("psnr_db", "rel_l2", "cosine", "seconds_fp", "seconds_q", "preset"):
         assert key in report
     assert report["preset"] == "w8a8" and report["psnr_db"] > PSNR_BOUND_DB
+    # one timed diffusion-model call per step (cond and uncond batched), steady medians of both models
+    assert report["model_calls"] == a["steps"], report
+    assert report["ms_per_call_fp"] > 0 and report["ms_per_call_q"] > 0
+    assert report["speedup_per_call"] == pytest.approx(report["ms_per_call_fp"] / report["ms_per_call_q"])
+    from comfy.patcher_extension import WrappersMP
+    assert not model_q.get_wrappers(WrappersMP.APPLY_MODEL, "vidit_q_call_timer")  # the timer lives on a clone
     assert image.ndim == 4 and image.shape[-1] == 3 and image.shape[2] > 2 * image.shape[1]
     # the quantized clone really runs different (quantized) linears, and the FP16 MODEL is unchanged
     assert not torch.equal(latent_fp["samples"], latent_q["samples"])

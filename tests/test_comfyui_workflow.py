@@ -134,20 +134,21 @@ def test_api_workflow_runs_headless_and_reports(server):
     report = json.loads("".join(entry["outputs"][sampler_id]["text"]))
     assert report["preset"] == "w8a8" and report["quantization"]["calibrated"] is True
     assert report["psnr_db"] > 40 and 0.999 < report["cosine"] <= 1.0
-    assert report["seconds_fp"] > 0 and report["seconds_q"] > 0
+    assert report["seconds_fp"] > 0 and report["seconds_q"] > 0 and report["ms_per_call_q"] > 0
+    # both models of the comparison run through ViDiT-Q CUDA Graphs: the speed figures compare like with like
+    graphed = {k for k, v in api.items() if v["class_type"] == "ViDiTQCudaGraphs"}
+    assert {api[sampler_id]["inputs"]["model_fp"][0], api[sampler_id]["inputs"]["model_q"][0]} <= graphed
     saved = list((server["output"] / "vidit_q").glob("*"))
     assert any(p.suffix == ".png" for p in saved) and any(p.suffix == ".latent" for p in saved), saved
 
 
 def test_fast_workflow_runs_headless(server):
-    """The fast-path workflow (Quantize w8a8-smoothquant -> Compile Model -> KSampler) on the tiny checkpoint. Here
-    the compile node traces with aot_eager (Inductor's CPU code generation would take minutes in CI) and without
-    fullgraph: on the CPU ComfyUI's own attention asks psutil for free memory, which Dynamo cannot trace (on GPUs
-    it picks PyTorch SDPA; tests/test_compile_comfyui.py checks fullgraph with that attention)."""
+    """The fast-path workflow (Quantize w8a8-smoothquant -> CUDA Graphs -> KSampler) on the tiny checkpoint (on the
+    CPU the graphs node runs the model eagerly; tests/test_cuda_graphs_comfyui.py checks replays)."""
     api = _tiny_version_of(json.loads((WORKFLOWS / "pixart_w8a8_fast_api.json").read_text()))
-    compile_id = next(k for k, v in api.items() if v["class_type"] == "ViDiTQCompileModel")
-    assert api[compile_id]["inputs"]["mode"] == "reduce-overhead"  # what users get
-    api[compile_id]["inputs"].update(backend="aot_eager", fullgraph=False)
+    graphs_id = next(k for k, v in api.items() if v["class_type"] == "ViDiTQCudaGraphs")
+    sampler = next(v for v in api.values() if v["class_type"] == "KSampler")
+    assert sampler["inputs"]["model"] == [graphs_id, 0]  # the sampler runs the graphed MODEL
     entry = _run_prompt(server, api)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
     assert list((server["output"] / "vidit_q").glob("ksampler*.latent"))

@@ -107,6 +107,21 @@ def ksample_timed(model, seed, steps, cfg, sampler_name, scheduler, positive, ne
     return out, seconds, ms
 
 
+def eager_hint(model) -> Optional[str]:
+    """A note for reports when a quantized MODEL on a CUDA GPU runs neither from CUDA graphs nor compiled: its step
+    is then bound by the host (a few hundred small launches and their Python), slower than it needs to be."""
+    import comfy.model_management
+    import comfy.patcher_extension
+
+    if comfy.model_management.get_torch_device().type != "cuda" or not model.model_options.get("vidit_q"):
+        return None
+    if model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "vidit_q_cuda_graphs") \
+            or model.model_options.get("torch_compile_kwargs"):
+        return None
+    return ("the quantized MODEL runs eagerly, which is host-bound on GPUs (a few hundred small kernel launches per "
+            "step): put ViDiT-Q CUDA Graphs (or ViDiT-Q Compile Model) after ViDiT-Q Quantize for its GPU speed")
+
+
 def steady_ms(call_ms: List[float], skip: int = 2) -> Optional[float]:
     """Median ms of a model call once warm: the first `skip` calls are left out (our kernels tune on the first call
     of a shape, ViDiT-Q CUDA Graphs records on the second)."""

@@ -6,7 +6,7 @@ from comfy_api.latest import io, ui
 from ..quant_core.metrics import compare
 from ..quant_core.temporal import frames_in_batch, temporal_metrics
 from ..quant_core.visualize import latent_preview, side_by_side
-from .comfy_glue import ksample_timed, quant_summary, steady_ms
+from .comfy_glue import eager_hint, ksample_timed, quant_summary, steady_ms
 from .types import sampling_inputs
 
 
@@ -53,6 +53,9 @@ class ViDiTQQuantizedSampler(io.ComfyNode):
                   "speedup": seconds_fp / seconds_q if seconds_q > 0 else None,
                   "model_calls": len(calls_q), "ms_per_call_fp": step_fp, "ms_per_call_q": step_q,
                   "speedup_per_call": step_fp / step_q if step_fp and step_q else None}
+        hint = eager_hint(model_q)
+        if hint:
+            report["speed_note"] = hint
         summary = quant_summary(model_q)
         report.update({"preset": summary.get("preset"), "plan": summary.get("plan"),
                        "quantization": {k: v for k, v in summary.items() if k not in ("preset", "plan")}})

@@ -151,3 +151,15 @@ def test_per_range_plan_records_each_timestep_range(fp_model, monkeypatch):
     for wrapper in _stand_ins(graphed)[0]:
         wrapper.reset()  # (ComfyUI on the CPU also reloads, and so resets, for every run)
     assert not torch.equal(_ksample(graphed, steps=6), eager)
+
+
+def test_sampler_report_says_when_a_quantized_model_runs_eagerly_on_a_gpu(quantized, fp_model, monkeypatch):
+    import comfy.model_management
+    from viditq.nodes import cuda_graphs
+    from viditq.nodes.comfy_glue import eager_hint
+
+    assert eager_hint(quantized) is None  # the CPU: nothing to say
+    monkeypatch.setattr(comfy.model_management, "get_torch_device", lambda: torch.device("cuda", 0))
+    assert "ViDiT-Q CUDA Graphs" in eager_hint(quantized)
+    assert eager_hint(cuda_graphs.ViDiTQCudaGraphs.execute(quantized).args[0]) is None
+    assert eager_hint(fp_model) is None  # not quantized

@@ -7,10 +7,11 @@ graphed one during each call, on a clone of the MODEL.
 
 What a replay does not see: anything the diffusion model reads besides its tensor arguments. transformer_options
 is passed at capture and not compared afterwards (ComfyUI rebuilds it every step with fresh uuids, so comparing it
-would capture every run anew); the one piece of Python state our own layers read, the timestep range of a
+would capture every run anew). The one piece of Python state our own layers read, the timestep range of a
 per-timestep-range plan (TimestepSwitchLinear's clock), is part of each graph's signature, so every range gets its
-own graphs instead of replaying the bits of the range that was recorded first; calls with attention patches (patches / patches_replace) or a ControlNet run
-eagerly, as do calls on a CPU and calls while ComfyUI streams the weights (lowvram). When ComfyUI loads or detaches
+own graphs instead of replaying the bits of the range that was recorded first. Calls with attention patches
+(patches / patches_replace) or a ControlNet run eagerly, as do calls on a CPU and calls while ComfyUI streams the
+weights (lowvram). When ComfyUI loads or detaches
 the model (its weights may move), the graphs are dropped and recorded again.
 """
 import logging

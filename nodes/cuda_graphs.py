@@ -11,8 +11,8 @@ would capture every run anew). The one piece of Python state our own layers read
 per-timestep-range plan (TimestepSwitchLinear's clock), is part of each graph's signature, so every range gets its
 own graphs instead of replaying the bits of the range that was recorded first. Calls with attention patches
 (patches / patches_replace) or a ControlNet run eagerly, as do calls on a CPU and calls while ComfyUI streams the
-weights (lowvram). When ComfyUI loads or detaches
-the model (its weights may move), the graphs are dropped and recorded again.
+weights (lowvram). When ComfyUI loads or detaches the model (its weights may move), the graphs are dropped and
+recorded again.
 """
 import logging
 import weakref

@@ -107,19 +107,29 @@ def ksample_timed(model, seed, steps, cfg, sampler_name, scheduler, positive, ne
     return out, seconds, ms
 
 
-def eager_hint(model) -> Optional[str]:
-    """A note for reports when a quantized MODEL on a CUDA GPU runs neither from CUDA graphs nor compiled: its step
-    is then bound by the host (a few hundred small launches and their Python), slower than it needs to be."""
-    import comfy.model_management
+def _graphed_or_compiled(model) -> bool:
     import comfy.patcher_extension
 
-    if comfy.model_management.get_torch_device().type != "cuda" or not model.model_options.get("vidit_q"):
+    return bool(model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "vidit_q_cuda_graphs")
+                or model.model_options.get("torch_compile_kwargs"))
+
+
+def eager_hint(model_q, model_fp=None) -> Optional[str]:
+    """A note for reports on a CUDA GPU: when the quantized MODEL runs neither from CUDA graphs nor compiled (its
+    step is then bound by the host: a few hundred small launches and their Python), or when only it does (the
+    speedup then includes what the graphs alone gain)."""
+    import comfy.model_management
+
+    if comfy.model_management.get_torch_device().type != "cuda" or not model_q.model_options.get("vidit_q"):
         return None
-    if model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "vidit_q_cuda_graphs") \
-            or model.model_options.get("torch_compile_kwargs"):
-        return None
-    return ("the quantized MODEL runs eagerly, which is host-bound on GPUs (a few hundred small kernel launches per "
-            "step): put ViDiT-Q CUDA Graphs (or ViDiT-Q Compile Model) after ViDiT-Q Quantize for its GPU speed")
+    if not _graphed_or_compiled(model_q):
+        return ("the quantized MODEL runs eagerly, which is host-bound on GPUs (a few hundred small kernel launches "
+                "per step): put ViDiT-Q CUDA Graphs (or ViDiT-Q Compile Model) after ViDiT-Q Quantize for its GPU "
+                "speed")
+    if model_fp is not None and not _graphed_or_compiled(model_fp):
+        return ("only the quantized MODEL runs from CUDA graphs / compiled: the speedup includes what that alone "
+                "gains; put ViDiT-Q CUDA Graphs on the FP16 MODEL too to compare the quantization alone")
+    return None
 
 
 def steady_ms(call_ms: List[float], skip: int = 2) -> Optional[float]:

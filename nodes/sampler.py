@@ -53,7 +53,7 @@ class ViDiTQQuantizedSampler(io.ComfyNode):
                   "speedup": seconds_fp / seconds_q if seconds_q > 0 else None,
                   "model_calls": len(calls_q), "ms_per_call_fp": step_fp, "ms_per_call_q": step_q,
                   "speedup_per_call": step_fp / step_q if step_fp and step_q else None}
-        hint = eager_hint(model_q)
+        hint = eager_hint(model_q, model_fp)
         if hint:
             report["speed_note"] = hint
         summary = quant_summary(model_q)

@@ -161,5 +161,8 @@ def test_sampler_report_says_when_a_quantized_model_runs_eagerly_on_a_gpu(quanti
     assert eager_hint(quantized) is None  # the CPU: nothing to say
     monkeypatch.setattr(comfy.model_management, "get_torch_device", lambda: torch.device("cuda", 0))
     assert "ViDiT-Q CUDA Graphs" in eager_hint(quantized)
-    assert eager_hint(cuda_graphs.ViDiTQCudaGraphs.execute(quantized).args[0]) is None
+    graphed_q = cuda_graphs.ViDiTQCudaGraphs.execute(quantized).args[0]
+    assert eager_hint(graphed_q) is None
+    assert "FP16 MODEL too" in eager_hint(graphed_q, fp_model)  # graphs on one side only: said
+    assert eager_hint(graphed_q, cuda_graphs.ViDiTQCudaGraphs.execute(fp_model).args[0]) is None
     assert eager_hint(fp_model) is None  # not quantized

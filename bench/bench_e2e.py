@@ -1035,6 +1035,13 @@ def main():
                 except Exception as e:
                     return skipped(v, f"torchao unavailable or failed to quantize: {type(e).__name__}: {e}"[:400])
                 if v.endswith("_compile"):
+                    import torch._inductor.config as inductor_config
+
+                    # torchao's own advice for int8 dynamic under compile: fuse the int_mm with its rescale
+                    # (the peer at its best; a process-wide setting, so run this variant last)
+                    if hasattr(inductor_config, "force_fuse_int_mm_with_mul") and "int8" in v:
+                        inductor_config.force_fuse_int_mm_with_mul = True
+                        extra["inductor"] = "force_fuse_int_mm_with_mul"
                     target = compile_blocks(target)
             else:
                 return skipped(v, "unknown variant")

@@ -1,9 +1,10 @@
 """ViDiTQSaveQuantized / ViDiTQLoadQuantized: quantized checkpoints in ComfyUI's models/vidit_q folder.
 
 Save writes what the quantized MODEL runs (QuantLinear tensors + the non-quantized layers) to one .safetensors.
-Load builds the PixArt model on the meta device (no weights allocated), installs the stored QuantLinear modules
-and assigns the non-quantized tensors: the FP16 weights of the quantized layers never exist. The result is a
-plain ModelPatcher that works in every sampler; its quantized layers are also listed as object patches (as
+Load builds the PixArt (or OpenSORA) model on the meta device (no weights allocated), installs the stored
+QuantLinear modules and assigns the non-quantized tensors: the FP16 weights of the quantized layers never exist.
+OpenSORA has no ComfyUI detection, so its file records the OpenSORA loader's info (version, sizes, the text-kv
+rule option) and the model is built from that. The result is a plain ModelPatcher that works in every sampler; its quantized layers are also listed as object patches (as
 ViDiTQQuantize's clones are), so our nodes recognise it as quantized.
 """
 import json
@@ -27,6 +28,7 @@ from ..quant_core.checkpoint import (CheckpointError, TimestepSwitchLinear, inst
                                      save_quantized)
 from ..quant_core.fusions import fusion_patches
 from .comfy_glue import PREFIX, quant_summary
+from .opensora_comfy import INFO_KEY, quantized_opensora_model
 
 log = logging.getLogger("vidit_q")
 
@@ -71,9 +73,13 @@ def save_model(model, path: pathlib.Path, fp_dtype: Optional[torch.dtype] = None
                          "Load Quantized); this MODEL has no ViDiT-Q quantized layers. An FP16 model is saved with "
                          "ComfyUI's ModelSave.")
     family = (summary.get("fingerprint") or {}).get("family")
-    if family != "pixart":
-        raise ValueError(f"ViDiT-Q Save Quantized: quantized {family} checkpoints are not supported yet (only PixArt "
-                         "ones can be loaded back); quantize this model in the graph instead")
+    if family not in ("pixart", "opensora"):
+        raise ValueError(f"ViDiT-Q Save Quantized: quantized {family} checkpoints are not supported (PixArt and "
+                         "OpenSORA ones are); quantize this model in the graph instead")
+    opensora_info = model.model_options.get(INFO_KEY)
+    if family == "opensora" and not opensora_info:
+        raise ValueError("ViDiT-Q Save Quantized: this OpenSORA MODEL carries no loader info (its version and "
+                         "config); load the model with ViDiT-Q OpenSORA Loader, then quantize and save it")
     lost = [k for k in model.patches if k.startswith(PREFIX) and k[len(PREFIX):].rpartition(".")[0] in layers]
     if lost:
         log.warning("ViDiT-Q: %d weight patches (LoRA etc.) target quantized layers and do not run on this MODEL; "
@@ -87,13 +93,52 @@ def save_model(model, path: pathlib.Path, fp_dtype: Optional[torch.dtype] = None
             "comfy_unet_dtype": str(base.get_dtype()).replace("torch.", ""),
             "comfy_manual_cast_dtype": None if base.manual_cast_dtype is None
             else str(base.manual_cast_dtype).replace("torch.", "")}
+    if family == "opensora":
+        info["opensora"] = dict(opensora_info)
     return save_quantized(path, base.diffusion_model, layers, summary, fp_dtype=fp_dtype, model_info=info,
                           extra_metadata=extra_metadata)
 
 
 def load_model(path, backend: str = "auto", dtype: Optional[torch.dtype] = None):
-    """A ModelPatcher for a quantized checkpoint, built without the quantized layers' FP16 weights."""
-    ckpt = read_quantized(path, device="cpu", backend=backend, family="pixart")
+    """A ModelPatcher for a quantized checkpoint (PixArt or OpenSORA), built without the quantized layers' FP16
+    weights."""
+    ckpt = read_quantized(path, device="cpu", backend=backend)
+    if ckpt.family == "pixart":
+        model = _pixart_model(ckpt, path, dtype)
+    elif ckpt.family == "opensora":
+        info = ckpt.header["model"].get("opensora")
+        if not info:
+            raise CheckpointError(path, "holds an OpenSORA model without its config (version, sizes); save it again "
+                                        "with this version of ViDiT-Q Save Quantized")
+        try:
+            model, _ = quantized_opensora_model(info, ckpt.shape_dict(), ckpt.weight_dtype, dtype)
+        except ValueError as e:
+            raise CheckpointError(path, str(e)) from None
+        install_quantized(model.diffusion_model, ckpt)
+    else:
+        raise CheckpointError(path, f"holds a {ckpt.family} model; ViDiT-Q Load Quantized builds pixart and opensora")
+    load_device = comfy.model_management.get_torch_device()
+    offload_device = comfy.model_management.unet_offload_device()
+    model.device = offload_device
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    for name, layer in ckpt.layers.items():  # the same modules the tree holds: marks the MODEL as quantized
+        patcher.add_object_patch(PREFIX + name, layer)
+    for name, obj in fusion_patches(model.diffusion_model, ckpt.layers).items():  # quant_core/fusions.py
+        patcher.add_object_patch(PREFIX + name, obj)
+    patcher.model_options["vidit_q"] = ckpt.summary()
+    if ckpt.family == "opensora":
+        patcher.model_options[INFO_KEY] = dict(ckpt.header["model"]["opensora"])
+    if ckpt.clock is not None:  # a per-timestep-range plan: its layers need the timestep of every call
+        from .comfy_glue import install_range_clock
+
+        install_range_clock(patcher, ckpt.clock)
+    log.info("ViDiT-Q: loaded %s (%s %s, %d quantized layers, %.1f MB of DiT weights)", pathlib.Path(path).name,
+             ckpt.family, ckpt.header.get("preset"), len(ckpt.layers), patcher.model_size() / 1e6)
+    return patcher
+
+
+def _pixart_model(ckpt, path, dtype):
+    """The PixArt BaseModel ComfyUI detects from the stored shapes, on the meta device, filled from the file."""
     shapes = ckpt.shape_dict()
     model_config = comfy.model_detection.model_config_from_unet(shapes, "")
     if model_config is None:
@@ -103,7 +148,6 @@ def load_model(path, backend: str = "auto", dtype: Optional[torch.dtype] = None)
         raise CheckpointError(path, f"ComfyUI detects a {type(model_config).__name__} in this file, but it was "
                                     f"saved from a {expected}")
     load_device = comfy.model_management.get_torch_device()
-    offload_device = comfy.model_management.unet_offload_device()
     if dtype is None:
         dtype = comfy.model_management.unet_dtype(model_params=comfy.utils.calculate_parameters(shapes),
                                                   supported_dtypes=list(model_config.supported_inference_dtypes),
@@ -112,20 +156,7 @@ def load_model(path, backend: str = "auto", dtype: Optional[torch.dtype] = None)
     model_config.set_inference_dtype(dtype, manual_cast)
     model = model_config.get_model(shapes, "", device=torch.device("meta"))  # allocates no weights
     install_quantized(model.diffusion_model, ckpt, convert=model_config.process_unet_state_dict)
-    model.device = offload_device
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
-    for name, layer in ckpt.layers.items():  # the same modules the tree holds: marks the MODEL as quantized
-        patcher.add_object_patch(PREFIX + name, layer)
-    for name, obj in fusion_patches(model.diffusion_model, ckpt.layers).items():  # quant_core/fusions.py
-        patcher.add_object_patch(PREFIX + name, obj)
-    patcher.model_options["vidit_q"] = ckpt.summary()
-    if ckpt.clock is not None:  # a per-timestep-range plan: its layers need the timestep of every call
-        from .comfy_glue import install_range_clock
-
-        install_range_clock(patcher, ckpt.clock)
-    log.info("ViDiT-Q: loaded %s (%s, %d quantized layers, %.1f MB of DiT weights)", pathlib.Path(path).name,
-             ckpt.header.get("preset"), len(ckpt.layers), patcher.model_size() / 1e6)
-    return patcher
+    return model
 
 
 def _output_path(filename_prefix: str, overwrite: bool) -> pathlib.Path:
@@ -146,9 +177,9 @@ class ViDiTQSaveQuantized(io.ComfyNode):
             node_id="ViDiTQSaveQuantized",
             display_name="ViDiT-Q Save Quantized",
             category="ViDiT-Q",
-            description="Saves a quantized MODEL (from ViDiT-Q Quantize) to models/vidit_q as one .safetensors: "
-                        "integer weights, scales, smoothing/rotation vectors and the non-quantized layers. Load it "
-                        "with ViDiT-Q Load Quantized: no calibration and no FP16 weights needed.",
+            description="Saves a quantized PixArt or OpenSORA MODEL (from ViDiT-Q Quantize) to models/vidit_q as one "
+                        ".safetensors: integer weights, scales, smoothing/rotation vectors and the non-quantized "
+                        "layers. Load it with ViDiT-Q Load Quantized: no calibration and no FP16 weights needed.",
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL output of ViDiT-Q Quantize."),
                 io.String.Input("filename_prefix", default="pixart_w8a8",

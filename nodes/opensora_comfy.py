@@ -142,7 +142,35 @@ def load_opensora_patcher(path: str, version: str = "auto", weight_dtype: str = 
     log.info("ViDiT-Q: loaded OpenSORA %s (%s, depth %d, hidden %d) from %s", version, info["variant"],
              cfg["depth"], cfg["hidden_size"], path)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    patcher.model_options[INFO_KEY] = info  # what ViDiT-Q Save Quantized stores to build the model again
     return patcher, info
+
+
+INFO_KEY = "vidit_q_opensora"
+_INFO_ONLY = ("version", "variant", "dtype", "keep_text_kv_fp")  # info entries that are not constructor arguments
+
+
+def quantized_opensora_model(info: Dict, shapes: Dict, weight_dtype, dtype=None):
+    """An OpenSoraModel on the meta device (no weights allocated) from the loader's info as a quantized checkpoint
+    stores it, with the ViDiT-Q rule options it was quantized under; the caller fills it (install_quantized).
+    Returns (model, the inference dtype)."""
+    version = info.get("version")
+    if version not in CONFIGS:
+        raise ValueError(f"unknown OpenSORA version {version!r} in the checkpoint's model info")
+    cfg = {k: v for k, v in info.items() if k not in _INFO_ONLY}
+    if "patch_size" in cfg:
+        cfg["patch_size"] = tuple(cfg["patch_size"])  # (JSON made it a list)
+    config = CONFIGS[version]({**CONFIGS[version].unet_config, **cfg})
+    load_device = comfy.model_management.get_torch_device()
+    if dtype is None:
+        dtype = comfy.model_management.unet_dtype(model_params=comfy.utils.calculate_parameters(shapes),
+                                                  supported_dtypes=config.supported_inference_dtypes,
+                                                  weight_dtype=weight_dtype)
+    manual_cast = comfy.model_management.unet_manual_cast(dtype, load_device, config.supported_inference_dtypes)
+    config.set_inference_dtype(dtype, manual_cast)
+    model = config.get_model({}, "", device=torch.device("meta"))
+    set_rule_options(model.diffusion_model, bool(info.get("keep_text_kv_fp")))  # the quantizable set it was saved with
+    return model, dtype
 
 
 def opensora_version_of(patcher) -> str:

@@ -530,7 +530,15 @@ def read_quantized(path: PathLike, device: Union[str, torch.device] = "cpu", bac
     clocks: Dict = {}
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
-            fp_state = {k: f.get_tensor(k) for k in header["fp_tensors"]}
+            def aligned(key):
+                # CPU tensors of a file start wherever the file puts them (8-byte alignment); the CPU GEMMs pick
+                # their code path by alignment, so an unaligned FP weight computes (slightly) different sums than
+                # the saved model did. A copy gets the allocator's 64-byte alignment: bit-identical reloads. (The
+                # quantized layers' codes are dequantized or read by our kernels: their alignment does not matter.)
+                t = f.get_tensor(key)
+                return t.clone() if t.device.type == "cpu" and t.data_ptr() % 64 else t
+
+            fp_state = {k: aligned(k) for k in header["fp_tensors"]}
             for name, entry in entries.items():
                 layers[name] = _build_layer(path, name, entry, name + ".", f.get_tensor, backend, clocks)
     except CheckpointError:

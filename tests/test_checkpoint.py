@@ -170,7 +170,11 @@ def test_loading_never_materializes_fp_weights_of_quantized_layers(model, tmp_pa
         loaded, _ = load_quantized(path)
     assert not quant_shapes & set(alloc.shapes), "an FP weight of a quantized layer was allocated while loading"
     fp_bytes_quantized_layers = sum(q.in_features * q.out_features * 4 for q in layers.values())
-    assert alloc.bytes < fp_bytes_quantized_layers / 2
+    # what may be allocated: aligned copies of the file's own FP tensors (checkpoint.read_quantized), and small
+    # temporaries; not anything of the size of the quantized layers' FP weights
+    file_fp_bytes = sum(v.numel() * v.element_size() for k, v in model.state_dict().items()
+                        if not k.startswith(tuple(n + "." for n in layers)))
+    assert alloc.bytes < file_fp_bytes + fp_bytes_quantized_layers / 2
     assert _run(loaded).isfinite().all()
 
 

@@ -127,7 +127,8 @@ def test_per_range_plan_records_each_timestep_range(fp_model, monkeypatch):
     from viditq.nodes.quantize import ViDiTQQuantize
     from viditq.quant_core import QuantPlan, TimestepSwitchLinear, describe_model
 
-    _, _, layers, fingerprint = describe_model(diffusion_model(fp_model), fp_lookup(fp_model))  # (a clone may be loaded)
+    # (through fp_lookup: a quantized clone may be the one loaded)
+    _, _, layers, fingerprint = describe_model(diffusion_model(fp_model), fp_lookup(fp_model))
     plan = QuantPlan(fingerprint, {}, base_preset="w8a8", timestep_ranges=2,
                      range_layers={n: [{"w_bits": 8}, {"w_bits": 4}] for n in layers if n.startswith("blocks.")})
     planned = ViDiTQQuantize.execute(fp_model, "w8a8", None, plan, "auto", "off").args[0]

@@ -282,3 +282,51 @@ def test_vae_and_dit_files_in_the_wrong_loader(env, vae12):
     with pytest.raises(OpenSoraCheckpointError, match=r"tiny-opensora-stdit3\.safetensors is a PixArt/OpenSORA DiT.*"
                                                       r"expected the OpenSORA 1\.2 VAE"):
         env["nodes"].ViDiTQOpenSoraVAELoader.execute(CKPT["1.2"])
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.2"])
+def test_quantized_opensora_save_and_load(env, version, tmp_path, monkeypatch):
+    """Save Quantized / Load Quantized round trip for OpenSORA (W4A8, text kv kept FP by the loader option): the
+    loaded MODEL samples bit for bit like the quantized one, is the same OpenSORA version with its sampling, and is
+    quantized (QuantLinear layers, no FP16 weights for them)."""
+    import folder_paths
+
+    from viditq.nodes.checkpoint_nodes import ViDiTQLoadQuantized, ViDiTQSaveQuantized
+    from viditq.nodes.opensora_comfy import opensora_version_of
+    from viditq.nodes.quantize import ViDiTQQuantize
+    from viditq.quant_core import QuantLinear
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "vidit_q", ([str(tmp_path)], {".safetensors"}))
+    model = load(env, version, text_kv="keep_fp")
+    (model_q,) = ViDiTQQuantize.execute(model, "w4a8", None, None, "auto", "off").args
+    a = _args(env, version, model)
+    ref = _ksample(model_q, a)
+    (name,) = ViDiTQSaveQuantized.execute(model_q, f"opensora/{version}").args
+    (loaded,) = ViDiTQLoadQuantized.execute(name).args
+    assert opensora_version_of(loaded) == version
+    assert torch.equal(loaded.model.model_sampling.sigmas, model.model.model_sampling.sigmas)
+    assert type(loaded.model.latent_format) is type(model.model.latent_format)
+    assert torch.equal(_ksample(loaded, a), ref)
+    dm = loaded.model.diffusion_model
+    quantized = [n for n, m in dm.named_modules() if isinstance(m, QuantLinear)]
+    assert quantized and len(quantized) == model_q.model_options["vidit_q"]["layers_quantized"]
+    assert not any("cross_attn.kv_linear" in n for n in quantized)  # the loader's text_kv option survived the file
+    assert loaded.model_size() < model.model_size() * 0.8  # (the tiny model is mostly embedders kept FP)
+    # the model is built on the meta device: no FP weights are ever allocated for the layers the file quantizes
+    from viditq.nodes.opensora_comfy import quantized_opensora_model
+
+    empty, _ = quantized_opensora_model(loaded.model_options["vidit_q_opensora"], {}, torch.float16, torch.float16)
+    assert all(t.is_meta for t in empty.diffusion_model.state_dict().values())
+    # a MODEL without the loader's info cannot be saved in a form that loads back: said before any file is written
+    model_q.model_options.pop("vidit_q_opensora")
+    with pytest.raises(ValueError, match="OpenSORA Loader"):
+        ViDiTQSaveQuantized.execute(model_q, "opensora/no_info")
+    assert not list(tmp_path.glob("opensora/no_info*"))
+
+
+def _ksample(model, a):
+    import nodes
+
+    (out,) = nodes.common_ksampler(model, a["seed"], a["steps"], a["cfg"], a["sampler_name"], a["scheduler"],
+                                   a["positive"], a["negative"], a["latent_image"])
+    return out["samples"]

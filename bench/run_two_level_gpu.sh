@@ -43,6 +43,6 @@ timeout 240 python bench/bench_w4a8.py --m 8192 2048 --budget-s $budget \
 if [ "$ONE_CALL" = 1 ]; then
   echo "== bench_e2e (PixArt-Sigma size, 1024 px, ViDiTQCudaGraphs path)"
   timeout 230 python bench/bench_e2e.py --no-attn-bench --no-launch-bench --no-profile --compile-reserve-s 0 \
-    --reps 10 --budget-s 150 --resolutions 1024 --run-tag s21 \
+    --reps 10 --budget-s 150 --resolutions 1024 --run-tag ${RUN_TAG:-s22} \
     --variants fp16_stepgraphs,w8a8_stepgraphs,w4a8_stepgraphs,w4a8_g128fast_stepgraphs --out "$OUT" 2>&1 | tail -20
 fi

@@ -4,8 +4,9 @@ Save writes what the quantized MODEL runs (QuantLinear tensors + the non-quantiz
 Load builds the PixArt (or OpenSORA) model on the meta device (no weights allocated), installs the stored
 QuantLinear modules and assigns the non-quantized tensors: the FP16 weights of the quantized layers never exist.
 OpenSORA has no ComfyUI detection, so its file records the OpenSORA loader's info (version, sizes, the text-kv
-rule option) and the model is built from that. The result is a plain ModelPatcher that works in every sampler; its quantized layers are also listed as object patches (as
-ViDiTQQuantize's clones are), so our nodes recognise it as quantized.
+rule option) and the model is built from that. The result is a plain ModelPatcher that works in every sampler;
+its quantized layers are also listed as object patches (as ViDiTQQuantize's clones are), so our nodes recognise
+it as quantized.
 """
 import json
 import logging
@@ -27,7 +28,7 @@ from ..quant_core import QuantLinear
 from ..quant_core.checkpoint import (CheckpointError, TimestepSwitchLinear, install_quantized, read_quantized,
                                      save_quantized)
 from ..quant_core.fusions import fusion_patches
-from .comfy_glue import PREFIX, quant_summary
+from .comfy_glue import PREFIX, quant_summary, set_inference_dtype
 from .opensora_comfy import INFO_KEY, quantized_opensora_model
 
 log = logging.getLogger("vidit_q")
@@ -147,13 +148,7 @@ def _pixart_model(ckpt, path, dtype):
     if expected and type(model_config).__name__ != expected:
         raise CheckpointError(path, f"ComfyUI detects a {type(model_config).__name__} in this file, but it was "
                                     f"saved from a {expected}")
-    load_device = comfy.model_management.get_torch_device()
-    if dtype is None:
-        dtype = comfy.model_management.unet_dtype(model_params=comfy.utils.calculate_parameters(shapes),
-                                                  supported_dtypes=list(model_config.supported_inference_dtypes),
-                                                  weight_dtype=ckpt.weight_dtype)
-    manual_cast = comfy.model_management.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
-    model_config.set_inference_dtype(dtype, manual_cast)
+    set_inference_dtype(model_config, comfy.utils.calculate_parameters(shapes), ckpt.weight_dtype, dtype)
     model = model_config.get_model(shapes, "", device=torch.device("meta"))  # allocates no weights
     install_quantized(model.diffusion_model, ckpt, convert=model_config.process_unet_state_dict)
     return model

@@ -14,6 +14,19 @@ def diffusion_model(patcher) -> torch.nn.Module:
     return patcher.get_model_object("diffusion_model")
 
 
+def set_inference_dtype(model_config, n_params: int, weight_dtype, dtype=None) -> torch.dtype:
+    """Choose the inference dtype as ComfyUI's loaders do (the asked one, else what the device supports for a model
+    of this size and weight dtype), set it and its manual cast on the model config, and return it."""
+    import comfy.model_management as mm
+
+    supported = list(model_config.supported_inference_dtypes)
+    if dtype is None:
+        dtype = mm.unet_dtype(model_params=n_params, supported_dtypes=supported, weight_dtype=weight_dtype)
+    manual_cast = mm.unet_manual_cast(dtype, mm.get_torch_device(), supported)
+    model_config.set_inference_dtype(dtype, manual_cast)
+    return dtype
+
+
 def fp_lookup(patcher):
     """Resolve each layer to the linear this MODEL would run: through other clones' module swaps, with the
     original weights (ComfyUI patches weights in place while a clone is loaded) plus this MODEL's own weight
@@ -110,7 +123,9 @@ def ksample_timed(model, seed, steps, cfg, sampler_name, scheduler, positive, ne
 def _graphed_or_compiled(model) -> bool:
     import comfy.patcher_extension
 
-    return bool(model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "vidit_q_cuda_graphs")
+    from .cuda_graphs import WRAPPER_KEY
+
+    return bool(model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
                 or model.model_options.get("torch_compile_kwargs"))
 
 

@@ -26,6 +26,7 @@ from ..models.opensora.stdit3 import STDiT3
 from ..models.opensora import vae12
 from ..quant_core.archs.opensora import set_rule_options
 from ..quant_core.temporal import frames_in_batch
+from .comfy_glue import set_inference_dtype
 
 log = logging.getLogger("vidit_q")
 
@@ -125,13 +126,8 @@ def load_opensora_patcher(path: str, version: str = "auto", weight_dtype: str = 
 
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()
-    unet_dtype = WEIGHT_DTYPES[weight_dtype]
-    if unet_dtype is None:
-        unet_dtype = comfy.model_management.unet_dtype(model_params=comfy.utils.calculate_parameters(sd),
-                                                       supported_dtypes=config.supported_inference_dtypes,
-                                                       weight_dtype=comfy.utils.weight_dtype(sd))
-    manual_cast = comfy.model_management.unet_manual_cast(unet_dtype, load_device, config.supported_inference_dtypes)
-    config.set_inference_dtype(unet_dtype, manual_cast)
+    unet_dtype = set_inference_dtype(config, comfy.utils.calculate_parameters(sd), comfy.utils.weight_dtype(sd),
+                                     WEIGHT_DTYPES[weight_dtype])
     model = config.get_model(sd, "")
     model = model.to(offload_device)
     ckpt.check_keys(model.diffusion_model, sd, version, path)
@@ -161,13 +157,7 @@ def quantized_opensora_model(info: Dict, shapes: Dict, weight_dtype, dtype=None)
     if "patch_size" in cfg:
         cfg["patch_size"] = tuple(cfg["patch_size"])  # (JSON made it a list)
     config = CONFIGS[version]({**CONFIGS[version].unet_config, **cfg})
-    load_device = comfy.model_management.get_torch_device()
-    if dtype is None:
-        dtype = comfy.model_management.unet_dtype(model_params=comfy.utils.calculate_parameters(shapes),
-                                                  supported_dtypes=config.supported_inference_dtypes,
-                                                  weight_dtype=weight_dtype)
-    manual_cast = comfy.model_management.unet_manual_cast(dtype, load_device, config.supported_inference_dtypes)
-    config.set_inference_dtype(dtype, manual_cast)
+    dtype = set_inference_dtype(config, comfy.utils.calculate_parameters(shapes), weight_dtype, dtype)
     model = config.get_model({}, "", device=torch.device("meta"))
     set_rule_options(model.diffusion_model, bool(info.get("keep_text_kv_fp")))  # the quantizable set it was saved with
     return model, dtype

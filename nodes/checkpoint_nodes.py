@@ -107,15 +107,7 @@ def load_model(path, backend: str = "auto", dtype: Optional[torch.dtype] = None)
     if ckpt.family == "pixart":
         model = _pixart_model(ckpt, path, dtype)
     elif ckpt.family == "opensora":
-        info = ckpt.header["model"].get("opensora")
-        if not info:
-            raise CheckpointError(path, "holds an OpenSORA model without its config (version, sizes); save it again "
-                                        "with this version of ViDiT-Q Save Quantized")
-        try:
-            model, _ = quantized_opensora_model(info, ckpt.shape_dict(), ckpt.weight_dtype, dtype)
-        except ValueError as e:
-            raise CheckpointError(path, str(e)) from None
-        install_quantized(model.diffusion_model, ckpt)
+        model = _opensora_model(ckpt, path, dtype)
     else:
         raise CheckpointError(path, f"holds a {ckpt.family} model; ViDiT-Q Load Quantized builds pixart and opensora")
     load_device = comfy.model_management.get_torch_device()
@@ -127,7 +119,7 @@ def load_model(path, backend: str = "auto", dtype: Optional[torch.dtype] = None)
     for name, obj in fusion_patches(model.diffusion_model, ckpt.layers).items():  # quant_core/fusions.py
         patcher.add_object_patch(PREFIX + name, obj)
     patcher.model_options["vidit_q"] = ckpt.summary()
-    if ckpt.family == "opensora":
+    if ckpt.family == "opensora":  # (checked by _opensora_model)
         patcher.model_options[INFO_KEY] = dict(ckpt.header["model"]["opensora"])
     if ckpt.clock is not None:  # a per-timestep-range plan: its layers need the timestep of every call
         from .comfy_glue import install_range_clock
@@ -151,6 +143,20 @@ def _pixart_model(ckpt, path, dtype):
     set_inference_dtype(model_config, comfy.utils.calculate_parameters(shapes), ckpt.weight_dtype, dtype)
     model = model_config.get_model(shapes, "", device=torch.device("meta"))  # allocates no weights
     install_quantized(model.diffusion_model, ckpt, convert=model_config.process_unet_state_dict)
+    return model
+
+
+def _opensora_model(ckpt, path, dtype):
+    """The OpenSORA model built from the loader info the file records, on the meta device, filled from the file."""
+    info = ckpt.header["model"].get("opensora")
+    if not info:
+        raise CheckpointError(path, "holds an OpenSORA model without its config (version, sizes); save it again "
+                                    "with this version of ViDiT-Q Save Quantized")
+    try:
+        model = quantized_opensora_model(info, ckpt.shape_dict(), ckpt.weight_dtype, dtype)
+    except ValueError as e:
+        raise CheckpointError(path, str(e)) from None
+    install_quantized(model.diffusion_model, ckpt)
     return model
 
 

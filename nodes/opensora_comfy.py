@@ -148,8 +148,7 @@ _INFO_ONLY = ("version", "variant", "dtype", "keep_text_kv_fp")  # info entries 
 
 def quantized_opensora_model(info: Dict, shapes: Dict, weight_dtype, dtype=None):
     """An OpenSoraModel on the meta device (no weights allocated) from the loader's info as a quantized checkpoint
-    stores it, with the ViDiT-Q rule options it was quantized under; the caller fills it (install_quantized).
-    Returns (model, the inference dtype)."""
+    stores it, with the ViDiT-Q rule options it was quantized under; the caller fills it (install_quantized)."""
     version = info.get("version")
     if version not in CONFIGS:
         raise ValueError(f"unknown OpenSORA version {version!r} in the checkpoint's model info")
@@ -157,10 +156,10 @@ def quantized_opensora_model(info: Dict, shapes: Dict, weight_dtype, dtype=None)
     if "patch_size" in cfg:
         cfg["patch_size"] = tuple(cfg["patch_size"])  # (JSON made it a list)
     config = CONFIGS[version]({**CONFIGS[version].unet_config, **cfg})
-    dtype = set_inference_dtype(config, comfy.utils.calculate_parameters(shapes), weight_dtype, dtype)
+    set_inference_dtype(config, comfy.utils.calculate_parameters(shapes), weight_dtype, dtype)
     model = config.get_model({}, "", device=torch.device("meta"))
     set_rule_options(model.diffusion_model, bool(info.get("keep_text_kv_fp")))  # the quantizable set it was saved with
-    return model, dtype
+    return model
 
 
 def opensora_version_of(patcher) -> str:

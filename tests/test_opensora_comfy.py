@@ -313,12 +313,12 @@ def test_quantized_opensora_save_and_load(env, version, tmp_path, monkeypatch):
     assert not any("cross_attn.kv_linear" in n for n in quantized)  # the loader's text_kv option survived the file
     assert loaded.model_size() < model.model_size() * 0.8  # (the tiny model is mostly embedders kept FP)
     # the model is built on the meta device: no FP weights are ever allocated for the layers the file quantizes
-    from viditq.nodes.opensora_comfy import quantized_opensora_model
+    from viditq.nodes.opensora_comfy import INFO_KEY, quantized_opensora_model
 
-    empty, _ = quantized_opensora_model(loaded.model_options["vidit_q_opensora"], {}, torch.float16, torch.float16)
+    empty = quantized_opensora_model(loaded.model_options[INFO_KEY], {}, torch.float16, torch.float16)
     assert all(t.is_meta for t in empty.diffusion_model.state_dict().values())
     # a MODEL without the loader's info cannot be saved in a form that loads back: said before any file is written
-    model_q.model_options.pop("vidit_q_opensora")
+    model_q.model_options.pop(INFO_KEY)
     with pytest.raises(ValueError, match="OpenSORA Loader"):
         ViDiTQSaveQuantized.execute(model_q, "opensora/no_info")
     assert not list(tmp_path.glob("opensora/no_info*"))

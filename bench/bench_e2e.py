@@ -44,6 +44,7 @@ Variants (all in one process, same inputs):
                         its "eager" column is what one call costs a ComfyUI user, graph replay included
   fp16_stepgraphs / w8a8_stepgraphs / w8a8_sq_stepgraphs  the eager model through kernels/step_graph.StepGraphs
                         (ViDiTQCudaGraphs: our own capture and replay, no Dynamo); "eager" = one call, replay included
+  w8a8_fp8_stepgraphs   the same for ViDiT-Q W8A8 with fp8 e4m3 codes (w8a8-fp8) and every fusion
   w4a8_stepgraphs / w4a8_plan_stepgraphs  the same for W4A8 with every fusion: all linears at 4 bits / the MLP at 8
   w4a8_g128_stepgraphs / w4a8_g128fast_stepgraphs  all linears int4 in groups of 128: float group scales
                         (w4a8-g128) / two-level integer group scales (w4a8-g128-fast)
@@ -79,9 +80,9 @@ ALL_VARIANTS = ["fp16", "fp16_attn_fp8", "w8a8_int8", "w8a8_fp8", "w8a8_fp8_attn
                 "w8a8_sq_frcompile", "w8a8_fp8_norot_frcompile", "w8a8_compile", "w8a8_frcompile",
                 "w8a8_fp8_frcompile", "fp16_cudagraphs", "w8a8_cudagraphs", "w8a8_sq_cudagraphs", "fp16_stepgraphs",
                 "w8a8_stepgraphs", "w8a8_sq_stepgraphs", "w4a8_stepgraphs", "w4a8_plan_stepgraphs",
-                "w4a8_g128_stepgraphs", "w4a8_g128fast_stepgraphs"]
-STEPGRAPHS = {"fp16_stepgraphs", "w8a8_stepgraphs", "w8a8_sq_stepgraphs", "w4a8_stepgraphs", "w4a8_plan_stepgraphs",
-              "w4a8_g128_stepgraphs", "w4a8_g128fast_stepgraphs"}
+                "w4a8_g128_stepgraphs", "w4a8_g128fast_stepgraphs", "w8a8_fp8_stepgraphs"]
+STEPGRAPHS = {"fp16_stepgraphs", "w8a8_stepgraphs", "w8a8_fp8_stepgraphs", "w8a8_sq_stepgraphs", "w4a8_stepgraphs",
+              "w4a8_plan_stepgraphs", "w4a8_g128_stepgraphs", "w4a8_g128fast_stepgraphs"}
 # whole model through torch.compile(backend="cudagraphs") (ViDiTQCompileModel's no-codegen backend)
 CUDAGRAPHS = {"fp16_cudagraphs", "w8a8_cudagraphs", "w8a8_sq_cudagraphs"}
 COMPILED = {"w8a8_compile", "w8a8_frcompile", "w8a8_fp8_frcompile", "w8a8_full", "torchao_int8_compile", "fp16_compile", "w8a8_fp8_compile", "w8a8_fp8_norot_compile",
@@ -114,11 +115,12 @@ OURS = {"w8a8_int8": ("w8a8", {}, None, False, None), "w8a8_fp8": ("w8a8-fp8", {
         "w8a8_sq_cudagraphs": ("w8a8-smoothquant", {}, None, False, None),
         "w8a8_stepgraphs": ("w8a8", {}, None, False, None),
         "w8a8_sq_stepgraphs": ("w8a8-smoothquant", {}, None, False, None),
+        "w8a8_fp8_stepgraphs": ("w8a8-fp8", {}, None, False, None),
         "w4a8_stepgraphs": ("w4a8", {}, None, False, None),  # every linear at 4 bits
         "w4a8_plan_stepgraphs": ("w4a8", {}, None, False, None),
         "w4a8_g128_stepgraphs": ("w4a8-g128", {}, None, False, None),
         "w4a8_g128fast_stepgraphs": ("w4a8-g128-fast", {}, None, False, None)}
-FUSED = {"w8a8_stepgraphs", "w8a8_sq_stepgraphs", "w4a8_stepgraphs", "w4a8_plan_stepgraphs", "w4a8_g128_stepgraphs",
+FUSED = {"w8a8_stepgraphs", "w8a8_sq_stepgraphs", "w8a8_fp8_stepgraphs", "w4a8_stepgraphs", "w4a8_plan_stepgraphs", "w4a8_g128_stepgraphs",
          "w4a8_g128fast_stepgraphs", "w8a8_cudagraphs", "w8a8_sq_cudagraphs", "w8a8_frcompile", "w8a8_fp8_frcompile", "w8a8_sq_fused", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile", "w8a8_sq_fpcompile", "w8a8_sq_frcompile",
          "w8a8_fp8_norot_frcompile"}
 # the fusion switches each fused variant installs with (the names keep what they measured when they were added)

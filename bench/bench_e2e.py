@@ -358,7 +358,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 # tuner candidate lists: a short list by default (every candidate is a Triton compile of 1-3 s; the full lists
 # cost minutes of device time). Wraps the modules' functions in this process only.
 # ---------------------------------------------------------------------------------------------------------------
-def restrict_tuners(n_gemm: int = 5, n_act: int = 5):
+def restrict_tuners(n_gemm: int = 7, n_act: int = 5):
     from viditq.kernels import triton_act_quant as aq
     from viditq.kernels import triton_gemm as gm
 
@@ -368,8 +368,9 @@ def restrict_tuners(n_gemm: int = 5, n_act: int = 5):
         c = list(g0(*a, **k))
         if any(str(cfg[0]).startswith("swap") for cfg in c):  # W4A8 lists: the module's own order
             return c[:n_gemm]
-        # W8A8: the two-programs-per-SM TMA kernels won at M >= 8192 (bench/NOTES_kernels.md), then the rest
-        return sorted(c, key=lambda cfg: 0 if cfg[0] in ("tma2", "tmas2") else 1)[:n_gemm]
+        # W8A8: the two-programs-per-SM TMA kernels won at M >= 8192 (bench/NOTES_kernels.md), then the
+        # three-per-SM ones (session 23), then the rest
+        return sorted(c, key=lambda cfg: 0 if cfg[0] in ("tma2", "tmas2", "tma3") else 1)[:n_gemm]
 
     def act_candidates(*a, **k):
         c = list(a0(*a, **k))
@@ -377,7 +378,7 @@ def restrict_tuners(n_gemm: int = 5, n_act: int = 5):
 
     gm.candidates = gemm_candidates
     aq.candidates = act_candidates
-    RESULT["setup"]["tuner"] = f"short lists: GEMM {n_gemm} candidates (tma2/tmas2/ptr first), act quantize {n_act}"
+    RESULT["setup"]["tuner"] = f"short lists: GEMM {n_gemm} candidates (tma2/tmas2/tma3 first), act quantize {n_act}"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -254,8 +254,8 @@ def correctness_sweep():
             a = type(a)(q=_perm_codes(a.q, perm).contiguous(), scale=a.scale, qsum=a.qsum)
         cands = tgemm.candidates(m, n, k, fmt == "int4", group, tma, tma, taq.PERM_MODES[perm])
         if (fmt, group, asym, perm) not in timed:
-            cands = [([c for c in cands if c[0] == kd] or [None])[0] for kd in ("ptr", "tma", "tmas", "tma2", "swap",
-                                                                                 "swapt", "swapts2")]
+            cands = [([c for c in cands if c[0] == kd] or [None])[0]
+                     for kd in ("ptr", "tma", "tmas", "tma2", "tma3", "swap", "swapt", "swapts2")]
             cands = [c for c in cands if c is not None]
         for c in cands:
             tgemm.tuner.force = c
@@ -637,7 +637,8 @@ def explore():
                      if c[0] in ("swapt2", "swapt", "swap")][:3]
         w8 = make_weight(n, k, "int8")
         wf8 = make_weight(n, k, "fp8")
-        for c in [("tma2", 128, 128, 128, 8, 3, 4), ("tma2", 64, 128, 128, 8, 4, 4), ("ptr", 128, 128, 128, 8, 3, 4)]:
+        for c in [("tma2", 128, 128, 128, 8, 3, 4), ("tma2", 64, 128, 128, 8, 4, 4), ("ptr", 128, 128, 128, 8, 3, 4),
+                  ("tma3", 64, 128, 128, 8, 2, 4), ("tma3", 64, 64, 128, 8, 4, 4)]:
             jobs.append(("w8a8 int8", type(a8)(q=a8.q, scale=a8.scale), w8,
                          reference.quantized_matmul(a8, w8, bias, torch.float32), c))
             jobs.append(("w8a8 fp8", af8, wf8, reference.quantized_matmul(af8, wf8, bias, torch.float32), c))

@@ -578,11 +578,14 @@ _MID_M = [("ptr", 64, 64, 128, 8, 4, 4), ("ptr", 64, 128, 128, 8, 4, 4), ("ptr",
           ("tma", 128, 64, 128, 8, 4, 4)]
 _LARGE_M = [("tma2", 128, 128, 128, 8, 3, 4), ("tma2", 64, 128, 128, 8, 4, 4), ("ptr", 128, 128, 128, 8, 3, 4),
             ("tmas", 128, 256, 128, 8, 3, 8), ("tma", 256, 128, 128, 8, 3, 8), ("ptr", 128, 256, 128, 8, 3, 8),
-            ("tmas2", 128, 128, 64, 8, 4, 4)]
+            ("tmas2", 128, 128, 64, 8, 4, 4), ("tma3", 64, 128, 128, 8, 2, 4), ("tma3", 64, 64, 128, 8, 4, 4)]
 # (the configs that won somewhere in bench/results/linear_nvidia_h200.json of 2026-11; "tma2": two programs per SM,
-# one's epilogue / synchronous int8 wgmma wait overlaps the other's main loop)
+# one's epilogue / synchronous int8 wgmma wait overlaps the other's main loop). "tma3": three per SM, for the tile
+# counts that leave a last wave mostly empty at two: N = 1152 at M = 8192 is 576 tiles of 128 x 128 on 2 x 132
+# programs (2.18 waves, so 3 rounds), but 1152 of 64 x 128 on 3 x 132 (2.91, 3 rounds); their shared memory
+# (57 / 74 KB) and registers (<= 168 without the residual epilogue, ptxas sm_90a) fit three CTAs.
 _INTERP = [("ptr", 32, 32, 64, 4, 1, 4), ("tma", 32, 32, 64, 4, 1, 4), ("ptr", 16, 64, 128, 1, 1, 4),
-           ("tmas", 32, 32, 64, 4, 1, 4), ("tma2", 32, 32, 64, 4, 1, 4)]
+           ("tmas", 32, 32, 64, 4, 1, 4), ("tma2", 32, 32, 64, 4, 1, 4), ("tma3", 32, 32, 64, 4, 1, 4)]
 # W4A8 (int4 weights, parity-split activations). "swap*": operands swapped, BLOCK_M = tokens (the wgmma's N),
 # BLOCK_N = weight rows (its M); swapt = persistent TMA, swapts = + TMA store, trailing 2 = two programs per SM.
 _W4_SMALL_M = [("swap", 16, 128, 128, 1, 4, 4), ("swap", 32, 128, 128, 1, 4, 4), ("swap", 16, 64, 128, 1, 4, 4),
@@ -603,6 +606,11 @@ last_kernel = None  # the last compiled kernel launched and its candidate (bench
 last_config = None
 # Restrict the kinds tried (bench / debugging): VIDITQ_GEMM_KINDS=ptr or tma or ptr,tma
 _KINDS_ENV = "VIDITQ_GEMM_KINDS"
+
+
+def _programs_per_sm(kind: str) -> int:
+    """Persistent kinds launch this many programs per SM: the trailing digit of the kind ("tma2", "swapts2")."""
+    return int(kind[-1]) if kind[-1].isdigit() else 1
 
 
 @functools.lru_cache(maxsize=16)
@@ -636,7 +644,7 @@ def candidates(m: int, n: int, k: int, w_int4: bool, group_k: int, tma: bool, tm
         base = list(_W4_MID_M) if w4 else _SMALL_M[2:4] + _MID_M
     else:
         base = list(_W4_LARGE_M if w4 else _LARGE_M)
-    kinds = os.environ.get(_KINDS_ENV, "ptr,tma,tmas,tma2,tmas2,swap,swapt,swapts,swapt2,swapts2").split(",")
+    kinds = os.environ.get(_KINDS_ENV, "ptr,tma,tmas,tma2,tmas2,tma3,swap,swapt,swapts,swapt2,swapts2").split(",")
     out = []
     for c in base:
         kind, bm, bn, bk, gm, st, nw = c
@@ -785,7 +793,7 @@ def launcher(cfg, n, k, group_k, has_zero, has_bias, magic, u4, perm_mode, devic
             return fn
         a_kb = bk if perm_mode == 2 else bk // 2
         epi_tma = kind.startswith("swapts")
-        per_sm = 2 if kind.endswith("2") else 1
+        per_sm = _programs_per_sm(kind)
 
         def fn(q, a_scale, a_qsum, wd, ws, wz, bias_t, c, m, res=None, gate=None, res_rows=1):
             qs, stride_qs = (a_qsum, a_qsum.stride(0)) if use_qsum else (a_scale, 0)
@@ -814,7 +822,7 @@ def launcher(cfg, n, k, group_k, has_zero, has_bias, magic, u4, perm_mode, devic
     kb = bk // 2 if w_int4 else bk
     a_kb = kb if perm_mode == 1 else bk
     epi_tma = kind.startswith("tmas")
-    per_sm = 2 if kind.endswith("2") else 1
+    per_sm = _programs_per_sm(kind)
     kw = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, EPI_TMA=epi_tma, num_stages=st, num_warps=nw, **flags)
 
     def fn(q, a_scale, a_qsum, wd, ws, wz, bias_t, c, m, res=None, gate=None, res_rows=1):

@@ -294,7 +294,7 @@ def _run_gemm(a, w, bias, out_dtype, kind, monkeypatch, a_perm=False):
     return y
 
 
-@pytest.mark.parametrize("kind", ["ptr", "tma", "tmas", "tma2"])
+@pytest.mark.parametrize("kind", ["ptr", "tma", "tmas", "tma2", "tma3"])
 @pytest.mark.parametrize("case", GEMM_CASES,
                          ids=lambda c: f"M{c[0]}N{c[1]}K{c[2]}-{c[3]}-g{c[4]}-{'as' if c[5] else 's'}-{str(c[6])[6:]}")
 def test_gemm_int(case, kind, monkeypatch):

@@ -593,13 +593,15 @@ _W4_SMALL_M = [("swap", 16, 128, 128, 1, 4, 4), ("swap", 32, 128, 128, 1, 4, 4),
 _W4_MID_M = [("swap", 64, 128, 128, 8, 4, 4), ("swapt", 64, 128, 128, 8, 4, 4), ("swap", 32, 128, 128, 4, 4, 4),
              ("swapt2", 128, 128, 128, 8, 3, 4), ("swapt", 128, 128, 128, 8, 3, 4), ("tma", 64, 128, 128, 8, 4, 4)]
 _W4_LARGE_M = [("swapts2", 128, 128, 128, 8, 3, 4), ("swapt", 256, 128, 128, 8, 3, 8),
+               ("swapt3", 64, 128, 128, 8, 3, 4),  # 64 tokens: <= 168 registers without a residual (sm_90a)
                ("swapt2", 128, 128, 128, 8, 3, 4),
                ("swap", 128, 128, 128, 8, 3, 4), ("swapt2", 128, 64, 128, 8, 4, 4),
                ("swap", 64, 128, 128, 8, 3, 4),  # group-wise weights without TMA (pre-Hopper): two accumulators fit
                # the best non-swapped ones measured before (staging the unpacked weights through shared memory)
                ("tmas", 256, 128, 128, 8, 3, 8), ("tma2", 128, 128, 128, 8, 3, 4)]
 _W4_INTERP = [("swap", 32, 32, 64, 4, 1, 4), ("swapt", 32, 32, 64, 4, 1, 4), ("swapts", 32, 32, 64, 4, 1, 4),
-              ("swapt2", 16, 64, 64, 4, 1, 4), ("ptr", 32, 32, 64, 4, 1, 4), ("tma", 32, 32, 64, 4, 1, 4)]
+              ("swapt2", 16, 64, 64, 4, 1, 4), ("ptr", 32, 32, 64, 4, 1, 4), ("tma", 32, 32, 64, 4, 1, 4),
+              ("swapt3", 16, 32, 64, 4, 1, 4)]
 
 tuner = Tuner("qgemm", graph=True)  # graph replays: at M <= 8192 eager timing measured the host launch path
 last_kernel = None  # the last compiled kernel launched and its candidate (benchmark reports)
@@ -644,7 +646,7 @@ def candidates(m: int, n: int, k: int, w_int4: bool, group_k: int, tma: bool, tm
         base = list(_W4_MID_M) if w4 else _SMALL_M[2:4] + _MID_M
     else:
         base = list(_W4_LARGE_M if w4 else _LARGE_M)
-    kinds = os.environ.get(_KINDS_ENV, "ptr,tma,tmas,tma2,tmas2,tma3,swap,swapt,swapts,swapt2,swapts2").split(",")
+    kinds = os.environ.get(_KINDS_ENV, "ptr,tma,tmas,tma2,tmas2,tma3,swap,swapt,swapts,swapt2,swapts2,swapt3").split(",")
     out = []
     for c in base:
         kind, bm, bn, bk, gm, st, nw = c

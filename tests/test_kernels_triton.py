@@ -386,7 +386,7 @@ def test_gemm_realistic_shape(kind, monkeypatch):
 
 W4_KINDS = {"parity": ["swap", "swapt", "swapts", "swapt2", "ptr", "tma"],
             "perm32": ["swap", "swapt", "swapts", "swapt2"],
-            "split16": ["swap", "swapt", "swapts", "swapt2"]}  # weights repacked, codes in natural order
+            "split16": ["swap", "swapt", "swapts", "swapt2", "swapt3"]}  # weights repacked, codes in natural order
 
 
 @pytest.mark.parametrize("layout,kind", [(lay, kd) for lay, kinds in W4_KINDS.items() for kd in kinds])
@@ -713,7 +713,8 @@ def test_gemm_fallback_config_keeps_one_k_block_per_group(group, monkeypatch):
     (BLOCK_K == GROUP_K): a wider block mixes two groups' scales. Run on split16 weights, which only those kernels
     take."""
     monkeypatch.setattr(tg, "INTERPRET", False)  # the GPU's config lists
-    for kinds, tma in (("ptr,tma", True), ("ptr,tma,tmas,tma2,tmas2,swap,swapt,swapts,swapt2,swapts2", False)):
+    every = "ptr,tma,tmas,tma2,tmas2,tma3,swap,swapt,swapts,swapt2,swapts2,swapt3"
+    for kinds, tma in (("ptr,tma", True), (every, False)):
         monkeypatch.setenv("VIDITQ_GEMM_KINDS", kinds)
         for m in (7, 600, 2048, 8192):
             cands = tg.candidates(m, 72, 256, True, group, tma, tma, 2)

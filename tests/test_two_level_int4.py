@@ -72,7 +72,7 @@ def test_quantizer_refusals():
 
 
 # ---- the kernels (interpreter) ---------------------------------------------------------------------------------
-LAYOUT_KINDS = [("split16", kd) for kd in ("swap", "swapt", "swapts", "swapt2")] + \
+LAYOUT_KINDS = [("split16", kd) for kd in ("swap", "swapt", "swapts", "swapt2", "swapt3")] + \
                [("perm32", "swap"), ("parity", "swapt")]
 
 

@@ -616,6 +616,32 @@ def _programs_per_sm(kind: str) -> int:
 
 
 @functools.lru_cache(maxsize=16)
+def _sm_limits(device_str: str):
+    """(32-bit registers, shared-memory bytes) of one SM of a CUDA device; None on the interpreter."""
+    if INTERPRET or not device_str.startswith("cuda"):
+        return None
+    props = torch.cuda.get_device_properties(torch.device(device_str))
+    return props.regs_per_multiprocessor, props.shared_memory_per_multiprocessor
+
+
+def resident_per_sm(kernel, num_warps: int, device_str: str, want: int) -> int:
+    """How many programs of a compiled kernel one SM holds at once (its registers and shared memory), at most `want`.
+    A persistent launch of more programs than fit runs the rest as a second, mostly idle round, so the launchers
+    size their grids by this once the kernel is compiled."""
+    limits = _sm_limits(device_str)
+    regs = getattr(kernel, "n_regs", 0) or 0
+    meta = getattr(kernel, "metadata", None)
+    if limits is None or not regs or meta is None:
+        return want
+    warp_regs = -(-regs * 32 // 256) * 256  # registers are given to warps in blocks of 256
+    fit = limits[0] // (warp_regs * num_warps)
+    shared = getattr(meta, "shared", 0) or 0
+    if shared:
+        fit = min(fit, limits[1] // (shared + 1024))  # the driver keeps 1 KB of shared memory per block
+    return max(1, min(want, fit))
+
+
+@functools.lru_cache(maxsize=16)
 def _device_info(device_str: str):
     """(compute capability major, multiprocessor count) of a CUDA device; (0, 4) on the interpreter."""
     if INTERPRET or not device_str.startswith("cuda"):
@@ -776,6 +802,12 @@ def launcher(cfg, n, k, group_k, has_zero, has_bias, magic, u4, perm_mode, devic
     asm: their nibbles turned into int8 values by inline PTX (w4_asm_ok), else by Triton's own lowering."""
     kind, bm, bn, bk, gm, st, nw = cfg
     flags = dict(flag_items)
+    fit = [_programs_per_sm(kind), False]  # programs per SM of a persistent kind; checked after the first compile
+
+    def _fit_once(kern):
+        if not fit[1]:
+            fit[0], fit[1] = resident_per_sm(kern, nw, device_str, fit[0]), True
+
     use_qsum = has_zero or u4  # the epilogue reads the per-token code sums (else a.scale stands in, unread)
     nsm = _device_info(device_str)[1]
     w_int4 = flags["W_INT4"]
@@ -795,19 +827,20 @@ def launcher(cfg, n, k, group_k, has_zero, has_bias, magic, u4, perm_mode, devic
             return fn
         a_kb = bk if perm_mode == 2 else bk // 2
         epi_tma = kind.startswith("swapts")
-        per_sm = _programs_per_sm(kind)
 
         def fn(q, a_scale, a_qsum, wd, ws, wz, bias_t, c, m, res=None, gate=None, res_rows=1):
             qs, stride_qs = (a_qsum, a_qsum.stride(0)) if use_qsum else (a_scale, 0)
             a_desc = TensorDescriptor(q, [m, k], [q.stride(0), 1], [bm, a_kb])
             b_desc = TensorDescriptor(wd, [n, wd.shape[1]], [wd.stride(0), 1], [bn, bk // 2])
             c_arg = TensorDescriptor(c, [m, n], [c.stride(0), 1], [bm, bn]) if epi_tma else c
-            progs = min(nsm * per_sm, _cdiv(m, bm) * _cdiv(n, bn))
-            return _w4_swap_tma_kernel[(progs,)](a_desc, b_desc, c_arg, a_scale, ws, wz, qs, bias_t, m, n, k,
+            progs = min(nsm * fit[0], _cdiv(m, bm) * _cdiv(n, bn))
+            kern = _w4_swap_tma_kernel[(progs,)](a_desc, b_desc, c_arg, a_scale, ws, wz, qs, bias_t, m, n, k,
                                                  c.stride(0), ws.stride(0) if group_k else 0, stride_qs, progs,
                                                  *_residual_args(c, res, gate, res_rows), wz,
                                                  wz.stride(0) if g2 else 0, EPI_TMA=epi_tma,
                                                  GATE_1D=_gate_1d(gate, res_rows, bm), **kw)
+            _fit_once(kern)
+            return kern
         return fn
     if kind == "ptr":
         kw = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, EVEN_K=k % bk == 0, num_stages=st, num_warps=nw,
@@ -824,7 +857,6 @@ def launcher(cfg, n, k, group_k, has_zero, has_bias, magic, u4, perm_mode, devic
     kb = bk // 2 if w_int4 else bk
     a_kb = kb if perm_mode == 1 else bk
     epi_tma = kind.startswith("tmas")
-    per_sm = _programs_per_sm(kind)
     kw = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, EPI_TMA=epi_tma, num_stages=st, num_warps=nw, **flags)
 
     def fn(q, a_scale, a_qsum, wd, ws, wz, bias_t, c, m, res=None, gate=None, res_rows=1):
@@ -832,11 +864,13 @@ def launcher(cfg, n, k, group_k, has_zero, has_bias, magic, u4, perm_mode, devic
         a_desc = TensorDescriptor(q, [m, k], [q.stride(0), 1], [bm, a_kb])
         b_desc = TensorDescriptor(wd, [n, wd.shape[1]], [wd.stride(0), 1], [bn, kb])
         c_arg = TensorDescriptor(c, [m, n], [c.stride(0), 1], [bm, bn]) if epi_tma else c
-        progs = min(nsm * per_sm, _cdiv(m, bm) * _cdiv(n, bn))
-        return _qgemm_tma_kernel[(progs,)](a_desc, b_desc, c_arg, a_scale, ws, wz, qs, bias_t, m, n, k,
+        progs = min(nsm * fit[0], _cdiv(m, bm) * _cdiv(n, bn))
+        kern = _qgemm_tma_kernel[(progs,)](a_desc, b_desc, c_arg, a_scale, ws, wz, qs, bias_t, m, n, k,
                                            c.stride(0), ws.stride(0) if group_k else 0, stride_qs, progs,
                                            *_residual_args(c, res, gate, res_rows),
                                            GATE_1D=_gate_1d(gate, res_rows, bm), **kw)
+        _fit_once(kern)
+        return kern
     return fn
 
 

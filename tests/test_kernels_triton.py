@@ -312,6 +312,27 @@ def test_gemm_int(case, kind, monkeypatch):
         assert rel_err(reference.quantized_matmul(a, w0, bias, torch.float64), exact) > max(10 * OUT_TOL[odt], 0.05)
 
 
+def test_persistent_grid_holds_only_resident_programs(monkeypatch):
+    """A persistent kind asks for 2 or 3 programs per SM; the grid is cut to what one SM holds of the compiled kernel
+    (registers in blocks of 256 per warp, shared memory + 1 KB per block), as on an H100: 64K registers, 228 KB."""
+    import types
+
+    monkeypatch.setattr(tg, "_sm_limits", lambda dev: (65536, 233472))
+    def kern(regs, shared):  # what a compiled Triton kernel reports once loaded
+        return types.SimpleNamespace(n_regs=regs, metadata=types.SimpleNamespace(shared=shared))
+
+    assert tg.resident_per_sm(kern(168, 57360), 4, "cuda:0", 3) == 3   # 64 x 128, two stages
+    assert tg.resident_per_sm(kern(238, 57360), 4, "cuda:0", 3) == 2   # the same with the residual epilogue
+    assert tg.resident_per_sm(kern(128, 81944), 4, "cuda:0", 3) == 2   # three stages: shared memory for two
+    assert tg.resident_per_sm(kern(255, 106520), 4, "cuda:0", 2) == 2
+    assert tg.resident_per_sm(kern(255, 150000), 8, "cuda:0", 2) == 1
+    assert tg.resident_per_sm(kern(0, 0), 4, "cuda:0", 3) == 3          # nothing known: as asked
+    monkeypatch.setattr(tg, "_sm_limits", lambda dev: None)             # the interpreter
+    assert tg.resident_per_sm(kern(255, 106520), 4, "cpu", 3) == 3
+    assert tg._programs_per_sm("tma3") == 3 and tg._programs_per_sm("swapts2") == 2
+    assert tg._programs_per_sm("tmas") == 1
+
+
 @fp8_only
 @pytest.mark.parametrize("kind", ["ptr", "tma", "tmas"])
 @pytest.mark.parametrize("m,n,k,odt", [(1, 72, 192, torch.bfloat16), (129, 200, 192, torch.float32),

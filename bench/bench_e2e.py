@@ -120,8 +120,8 @@ OURS = {"w8a8_int8": ("w8a8", {}, None, False, None), "w8a8_fp8": ("w8a8-fp8", {
         "w4a8_plan_stepgraphs": ("w4a8", {}, None, False, None),
         "w4a8_g128_stepgraphs": ("w4a8-g128", {}, None, False, None),
         "w4a8_g128fast_stepgraphs": ("w4a8-g128-fast", {}, None, False, None)}
-FUSED = {"w8a8_stepgraphs", "w8a8_sq_stepgraphs", "w8a8_fp8_stepgraphs", "w4a8_stepgraphs", "w4a8_plan_stepgraphs", "w4a8_g128_stepgraphs",
-         "w4a8_g128fast_stepgraphs", "w8a8_cudagraphs", "w8a8_sq_cudagraphs", "w8a8_frcompile", "w8a8_fp8_frcompile", "w8a8_sq_fused", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile", "w8a8_sq_fpcompile", "w8a8_sq_frcompile",
+FUSED = {"w8a8_stepgraphs", "w8a8_sq_stepgraphs", "w8a8_fp8_stepgraphs", "w4a8_stepgraphs", "w4a8_plan_stepgraphs",
+         "w4a8_g128_stepgraphs", "w4a8_g128fast_stepgraphs", "w8a8_cudagraphs", "w8a8_sq_cudagraphs", "w8a8_frcompile", "w8a8_fp8_frcompile", "w8a8_sq_fused", "w8a8_sq_fcompile", "w8a8_fp8_norot_fcompile", "w8a8_sq_fpcompile", "w8a8_sq_frcompile",
          "w8a8_fp8_norot_frcompile"}
 # the fusion switches each fused variant installs with (the names keep what they measured when they were added)
 FUSE_SWITCHES = {"w8a8_sq_fcompile": {"VIDITQ_FUSE_PLAIN": "0", "VIDITQ_FUSE_RESIDUAL": "0"},

@@ -210,7 +210,8 @@ def _preset_row(args, model, calib, step, ref, fp_s, cuda, preset):
             row["host_top_ms"] = _top_host_ops(step)
         row.update(_graph_fields(step, args.reps, ref, cuda))
     except Exception as e:
-        row = {"variant": preset, "compiled": False, "ms_per_step": None, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        row = {"variant": preset, "compiled": False, "ms_per_step": None,
+               "error": f"{type(e).__name__}: {str(e)[:300]}"}
     finally:
         if fp_layers is not None:
             replace_layers(model, fp_layers)

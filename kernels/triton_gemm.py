@@ -672,7 +672,8 @@ def candidates(m: int, n: int, k: int, w_int4: bool, group_k: int, tma: bool, tm
         base = list(_W4_MID_M) if w4 else _SMALL_M[2:4] + _MID_M
     else:
         base = list(_W4_LARGE_M if w4 else _LARGE_M)
-    kinds = os.environ.get(_KINDS_ENV, "ptr,tma,tmas,tma2,tmas2,tma3,swap,swapt,swapts,swapt2,swapts2,swapt3").split(",")
+    every = "ptr,tma,tmas,tma2,tmas2,tma3,swap,swapt,swapts,swapt2,swapts2,swapt3"
+    kinds = os.environ.get(_KINDS_ENV, every).split(",")
     out = []
     for c in base:
         kind, bm, bn, bk, gm, st, nw = c

@@ -621,7 +621,9 @@ def _sm_limits(device_str: str):
     if INTERPRET or not device_str.startswith("cuda"):
         return None
     props = torch.cuda.get_device_properties(torch.device(device_str))
-    return props.regs_per_multiprocessor, props.shared_memory_per_multiprocessor
+    regs = getattr(props, "regs_per_multiprocessor", 0)  # older torch builds lack these: no cap then
+    shared = getattr(props, "shared_memory_per_multiprocessor", 0)
+    return (regs, shared) if regs and shared else None
 
 
 def resident_per_sm(kernel, num_warps: int, device_str: str, want: int) -> int:

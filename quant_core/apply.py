@@ -105,11 +105,17 @@ def _switch_layer(linear: nn.Linear, name: str, configs, calib: Optional[Calibra
 
 
 def replace_layers(model: nn.Module, new_layers: Dict[str, nn.Module]) -> Dict[str, nn.Module]:
-    """Swap modules in place (for plain-torch use); returns the modules replaced, to restore them."""
-    old = {}
+    """Swap modules in place (for plain-torch use); returns the modules replaced, to restore them. Every name is
+    resolved before anything is swapped, so a name that is not in the model leaves the model as it was."""
+    targets = []
     for name, module in new_layers.items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
+        if not hasattr(parent, attr):
+            raise AttributeError(f"{type(model).__name__} has no '{name}': these layers were made for another model")
+        targets.append((name, parent, attr, module))
+    old = {}
+    for name, parent, attr, module in targets:
         old[name] = getattr(parent, attr)
         setattr(parent, attr, module)
     return old

@@ -305,3 +305,17 @@ def test_comfyui_quantize_node_installs_the_fusions(tmp_path, monkeypatch):
     monkeypatch.setenv(FUSE_ENV, "0")
     (plain,) = ViDiTQQuantize.execute(patcher, "w8a8-smoothquant", None, None, "auto").args
     assert "diffusion_model.blocks.0.mlp.act" not in plain.object_patches
+
+
+def test_install_with_a_foreign_layer_name_leaves_the_model_untouched():
+    """Layers built for another model (one name this model lacks) raise before anything is swapped."""
+    model = tiny_pixart(depth=2)
+    layers, _ = build_quant_layers(model, get_preset("w8a8"))
+    before = {n: id(m) for n, m in model.named_modules()}
+    bad = {**layers, "blocks.0.attn.no_such_layer": next(iter(layers.values()))}
+    with pytest.raises(AttributeError, match="no_such_layer"):
+        install_quant_layers(model, bad)
+    assert {n: id(m) for n, m in model.named_modules()} == before
+    with pytest.raises(AttributeError):
+        replace_layers(model, {"blocks.99.mlp.fc1": nn.Linear(2, 2)})
+    assert {n: id(m) for n, m in model.named_modules()} == before

@@ -6,6 +6,7 @@
 #                                               # ComfyUI's fp8 path) and W8A8 fp8 on the node's CUDA-graph path
 #   PART=2 bash bench/run_pending_gpu.sh $OUT   # OpenSORA step, three presets against one FP16 baseline, then the
 #                                               # layer checks (the tuner may now pick tma3 / swapt3)
+# With less device time left: OS_S=240 CHECK_S=120 OS_PRESETS=w4a8-g128-fast,w8a8-smoothquant PART=2 ...
 set -uo pipefail
 OUT=${1:?output folder}
 PART=${PART:-1}
@@ -29,10 +30,12 @@ if [ "$PART" = 1 ]; then
   tail -22 "$OUT/e2e.log"
 else
   echo "== bench_opensora_step (STDiT 16 x 512 x 512)"
-  timeout 330 python bench/bench_opensora_step.py --reps 5 --warmup 2 --preset w8a8-smoothquant,w4a8-g128-fast,w4a8 \
+  timeout ${OS_S:-330} python bench/bench_opensora_step.py --reps 5 --warmup 2 \
+    --preset ${OS_PRESETS:-w8a8-smoothquant,w4a8-g128-fast,w4a8} \
     --out "$OUT/os" > "$OUT/os.log" 2>&1
   tail -14 "$OUT/os.log"
   echo "== gpu_check (layers, fused)"
-  timeout 200 python bench/gpu_check.py --only layers,fused --presets w8a8,w4a8-g128-fast,w4a8 --out "$OUT/check" 2>&1 \
+  timeout ${CHECK_S:-200} python bench/gpu_check.py --only layers,fused --presets w8a8,w4a8-g128-fast,w4a8 \
+    --out "$OUT/check" 2>&1 \
     | tail -25
 fi

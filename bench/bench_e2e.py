@@ -247,16 +247,15 @@ if ARGS.attention_quality:
 def merge_runs(paths):
     global RESULT, GPU, GPU_TAG
     runs = [json.loads(pathlib.Path(p).read_text()) for p in paths]
+    tags = [r["rows"][0].get("run") if r["rows"] else None for r in runs]
     base = dict(runs[0])
     base["runs"] = []
-    for p, r in zip(paths, runs):  # an already merged file brings its own list of runs
+    for p, r, tag in zip(paths, runs, tags):  # an already merged file brings its own list of runs
         base["runs"] += r.get("runs") or [{"file": pathlib.Path(p).name, "command": r["command"],
-                                           "elapsed_s": r.get("elapsed_s"),
-                                           "tag": (r["rows"][0].get("run") if r["rows"] else None)}]
+                                           "elapsed_s": r.get("elapsed_s"), "tag": tag}]
     if any(isinstance(r["command"], dict) for r in runs):  # a merged file keeps its commands by run tag
         base["command"] = {}
-        for r in runs:
-            tag = r["rows"][0].get("run") if r["rows"] else None
+        for r, tag in zip(runs, tags):
             base["command"].update(r["command"] if isinstance(r["command"], dict) else {tag or "?": r["command"]})
     else:
         base["command"] = " ; ".join(r["command"] for r in runs)

@@ -616,11 +616,18 @@ def _programs_per_sm(kind: str) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _sm_limits(device_str: str):
-    """(32-bit registers, shared-memory bytes) of one SM of a CUDA device; None on the interpreter."""
+def _device_props(device_str: str):
+    """torch's properties of a CUDA device; None on the interpreter or another device type."""
     if INTERPRET or not device_str.startswith("cuda"):
         return None
-    props = torch.cuda.get_device_properties(torch.device(device_str))
+    return torch.cuda.get_device_properties(torch.device(device_str))
+
+
+def _sm_limits(device_str: str):
+    """(32-bit registers, shared-memory bytes) of one SM of a CUDA device; None on the interpreter."""
+    props = _device_props(device_str)
+    if props is None:
+        return None
     regs = getattr(props, "regs_per_multiprocessor", 0)  # older torch builds lack these: no cap then
     shared = getattr(props, "shared_memory_per_multiprocessor", 0)
     return (regs, shared) if regs and shared else None
@@ -643,13 +650,10 @@ def resident_per_sm(kernel, num_warps: int, device_str: str, want: int) -> int:
     return max(1, min(want, fit))
 
 
-@functools.lru_cache(maxsize=16)
 def _device_info(device_str: str):
     """(compute capability major, multiprocessor count) of a CUDA device; (0, 4) on the interpreter."""
-    if INTERPRET or not device_str.startswith("cuda"):
-        return 0, 4
-    props = torch.cuda.get_device_properties(torch.device(device_str))
-    return props.major, props.multi_processor_count
+    props = _device_props(device_str)
+    return (0, 4) if props is None else (props.major, props.multi_processor_count)
 
 
 def tma_ok(device: torch.device) -> bool:
